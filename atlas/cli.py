@@ -1,0 +1,163 @@
+"""Command-line interface: argument parsing only. Each command calls one function elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import AtlasError
+
+DEFAULT_SITE = "site"
+DEFAULT_CACHE = "atlas-data"
+
+
+def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        default=None,
+        help="crosscoder or SAE checkpoint: a file, or a folder (its newest checkpoint is used); "
+        "default: the demo crosscoder that ships with Crosscoder Atlas",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        metavar="ID_OR_PATH",
+        help="Hugging Face model id or local path, once per model in source order; overrides the "
+        "checkpoint's cfg (a two-model crosscoder needs the second model here)",
+    )
+    p.add_argument(
+        "--hook-point",
+        default=None,
+        metavar="NAME",
+        help="hook point the crosscoder reads, e.g. blocks.6.hook_resid_post (default: from the "
+        "checkpoint's cfg)",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        action="append",
+        default=None,
+        metavar="X",
+        help="input normalisation factor per source (once per source, or once for all); default: "
+        "from the checkpoint when stored, else estimated over the corpus",
+    )
+
+
+def _add_analysis_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--n-features", type=int, default=50, metavar="N",
+                   help="number of features to analyse and show, from the first (default: 50; 0 = all)")
+    p.add_argument("-s", "--n-samples", type=int, default=100, metavar="N",
+                   help="number of text sequences of the corpus to run through the models (default: 100)")
+    p.add_argument("--seq-len", type=int, default=128, metavar="L",
+                   help="tokens per sequence (default: 128)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B",
+                   help="sequences per forward pass (default: 16)")
+    p.add_argument("--dataset", default=None, metavar="PATH_OR_NAME",
+                   help="corpus: a .txt/.jsonl/.json/.parquet/.csv file or a folder of them, or a "
+                   "Hugging Face dataset name when the hub is reachable (default: the bundled demo corpus)")
+    p.add_argument("--text-column", default="text", metavar="NAME",
+                   help="column holding the text in tabular datasets (default: text)")
+    p.add_argument("--device", default=None,
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the models and the crosscoder (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--top-k", type=int, default=20, metavar="K",
+                   help="top activating examples kept per feature (default: 20)")
+    p.add_argument("--include-bos", action="store_true",
+                   help="count beginning-of-sequence tokens in the statistics (excluded by default)")
+    p.add_argument("--seed", type=int, default=0, help="seed for corpus sampling and interval sampling (default: 0)")
+
+
+def _add_render_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--title", default=None, help="title shown on every page (default: from the checkpoint)")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="feature labels/explanations: JSON ({id: label} or a list of {id, label}) or CSV "
+                   "with columns id,label")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atlas",
+        description="Turn a trained crosscoder or sparse autoencoder into a static feature atlas website.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("build", help="analyse a checkpoint and write the site (analyze + render)",
+                       description="Analyse a checkpoint over a corpus and write a static atlas site.")
+    _add_checkpoint_options(p)
+    p.add_argument("-o", "--output", default=DEFAULT_SITE, metavar="DIR",
+                   help=f"folder the site is written to (default: {DEFAULT_SITE}/)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="analysis cache folder (default: <output>.atlas-data beside the site)")
+    _add_analysis_options(p)
+    _add_render_options(p)
+
+    p = sub.add_parser("analyze", help="run the models over the corpus and write the analysis cache",
+                       description="Run the models over the corpus and write the analysis cache.")
+    _add_checkpoint_options(p)
+    p.add_argument("-o", "--output", default=DEFAULT_CACHE, metavar="DIR",
+                   help=f"cache folder (default: {DEFAULT_CACHE}/)")
+    _add_analysis_options(p)
+
+    p = sub.add_parser("render", help="write the site from an analysis cache (no models needed)",
+                       description="Write the static site from an analysis cache.")
+    p.add_argument("cache", help="analysis cache folder written by `atlas analyze`")
+    p.add_argument("-o", "--output", default=DEFAULT_SITE, metavar="DIR",
+                   help=f"folder the site is written to (default: {DEFAULT_SITE}/)")
+    _add_render_options(p)
+
+    p = sub.add_parser("inspect", help="describe a checkpoint: format, sources, shapes, warnings",
+                       description="Describe a checkpoint without running any model.")
+    _add_checkpoint_options(p)
+
+    p = sub.add_parser("serve", help="preview a site over HTTP on localhost",
+                       description="Serve a built site over HTTP for local preview.")
+    p.add_argument("site", nargs="?", default=DEFAULT_SITE, help=f"site folder (default: {DEFAULT_SITE}/)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "build":
+            from .build import build
+
+            build(args)
+        elif args.command == "analyze":
+            from .build import analyze_command
+
+            analyze_command(args)
+        elif args.command == "render":
+            from .build import render_command
+
+            render_command(args)
+        elif args.command == "inspect":
+            from .build import inspect_command
+
+            inspect_command(args)
+        elif args.command == "serve":
+            from .serve import serve
+
+            serve(Path(args.site), host=args.host, port=args.port)
+    except AtlasError as exc:
+        print(f"atlas: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("atlas: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Jinja2 templates and browser assets of the generated site."""
