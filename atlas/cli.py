@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -123,12 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    # SIGTERM (a scheduler's time limit, `kill`) unwinds like Ctrl-C: temporary files are removed and the
+    # analysis state saved so far stays resumable.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         if args.command == "build":
             from .build import build
