@@ -1,0 +1,408 @@
+"""Language models through NNsight: loading, hook-name resolution, activation extraction, unembeddings.
+
+Every NNsight call of the project lives in this module. Readers: :mod:`atlas.build` (``pick_device``,
+``load_models``), :mod:`atlas.analyze` (``ModelSet.extract``, ``ModelSet.unembeddings``,
+``ModelSet.vocab``) and :mod:`atlas.corpus` (``ModelSet.tokenizer``).
+
+Hook names (a crosscoder source's ``site``):
+
+- TransformerLens style ``blocks.L.hook_X``: ``resid_pre`` (input of block L), ``resid_post`` (output
+  of block L), ``resid_mid`` (the residual stream between attention and MLP, where the architecture has
+  one), ``attn_out`` / ``mlp_out`` (output of the block's attention / MLP module).
+- An explicit module path of the Hugging Face model (``model.layers.3``, ``transformer.h.2.mlp``):
+  its output; append ``.input`` to read its (first positional) input instead.
+
+Blocks are found at ``transformer.h`` (GPT-2, GPT-J), ``gpt_neox.layers`` (GPT-NeoX/Pythia),
+``model.layers`` (Llama, Mistral, Qwen, Gemma, SmolLM2, ...), ``model.decoder.layers`` (OPT), or else
+at the model's only ``ModuleList`` as long as ``config.num_hidden_layers``.
+
+A module's output may be a tensor (decoder blocks under transformers ≥ 5) or a tuple whose first element
+is the hidden states (attention modules): the type is checked, and the value must be ``[B, T, d]``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import AtlasError
+
+HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
+HOOK_EXAMPLES = "blocks.6.hook_resid_post, blocks.6.hook_resid_pre, blocks.6.hook_mlp_out, model.layers.6"
+
+# block list path → names of the attention module, the MLP module and the module whose input is resid_mid
+_FAMILIES = {
+    "transformer.h": ("attn", "mlp", ("ln_2",)),
+    "gpt_neox.layers": ("attention", "mlp", ()),  # parallel residual: no resid_mid
+    "model.layers": ("self_attn", "mlp", ("pre_feedforward_layernorm", "post_attention_layernorm")),
+    "model.language_model.layers": ("self_attn", "mlp", ("pre_feedforward_layernorm",
+                                                         "post_attention_layernorm")),
+    "model.decoder.layers": ("self_attn", None, ("final_layer_norm",)),
+}
+_FINAL_NORMS = ("transformer.ln_f", "gpt_neox.final_layer_norm", "model.norm", "model.language_model.norm",
+                "model.decoder.final_layer_norm")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """The torch device and dtype to run on: cuda when available else cpu; bfloat16 on cuda, else float32."""
+    if device is None:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise AtlasError(f"unknown device {device!r}: pass --device cpu, cuda or cuda:N") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise AtlasError(f"--device {device} was asked for but CUDA is not available here: "
+                             "pass --device cpu (or leave --device out)")
+    if dtype is None:
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif dtype in _DTYPES:
+        dt = _DTYPES[dtype]
+    else:
+        raise AtlasError(f"unknown dtype {dtype!r}: pass --dtype float32, float16 or bfloat16")
+    return dev, dt
+
+
+# --------------------------------------------------------------------------- hook resolution
+
+
+@dataclass(frozen=True)
+class ResolvedSite:
+    """Where a source's activation is read: ``port`` (``input``/``output``) of the module at ``module_path``."""
+
+    hook: str
+    module_path: str
+    port: str
+
+
+def _has_module(model: torch.nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def find_blocks(model: torch.nn.Module) -> str:
+    """Path of the model's list of decoder blocks (see the module docstring)."""
+    for path in _FAMILIES:
+        if _has_module(model, path) and isinstance(model.get_submodule(path), torch.nn.ModuleList):
+            return path
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = [name for name, m in model.named_modules()
+                  if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise AtlasError(
+        f"cannot find the decoder blocks of {type(model).__name__}: give an explicit module path as "
+        f"--hook-point (one of: {', '.join(_module_path_examples(model))})"
+    )
+
+
+def _module_path_examples(model: torch.nn.Module, n: int = 5) -> list[str]:
+    lists = [name for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    return [f"{name}.0" for name in lists[:n]] or ["model.layers.0"]
+
+
+def resolve_hook(model: torch.nn.Module, hook: str) -> ResolvedSite:
+    """Map a hook name (TransformerLens style or module path) onto a module of ``model``."""
+    m = HOOK_PATTERN.match(hook)
+    if m:
+        layer, kind = int(m.group(1)), m.group(2)
+        blocks = find_blocks(model)
+        n = len(model.get_submodule(blocks))
+        if layer >= n:
+            raise AtlasError(f"hook point {hook!r} names layer {layer} but the model has {n} layers "
+                             f"(0..{n - 1}): pass another --hook-point")
+        block = f"{blocks}.{layer}"
+        attn, mlp, mids = _FAMILIES.get(blocks, ("self_attn", "mlp", ()))
+        if kind == "resid_post":
+            return ResolvedSite(hook, block, "output")
+        if kind == "resid_pre":
+            return ResolvedSite(hook, block, "input")
+        if kind == "attn_out" and attn and _has_module(model, f"{block}.{attn}"):
+            return ResolvedSite(hook, f"{block}.{attn}", "output")
+        if kind == "mlp_out" and mlp and _has_module(model, f"{block}.{mlp}"):
+            return ResolvedSite(hook, f"{block}.{mlp}", "output")
+        if kind == "resid_mid":
+            for mid in mids:
+                if _has_module(model, f"{block}.{mid}"):
+                    return ResolvedSite(hook, f"{block}.{mid}", "input")
+        raise AtlasError(f"hook point {hook!r} is not available in {type(model).__name__}: pass an "
+                         f"explicit module path as --hook-point (e.g. {block}, {block}.mlp)")
+    path, port = hook, "output"
+    if hook.endswith(".input") or hook.endswith(".output"):
+        path, port = hook.rsplit(".", 1)
+    if path and _has_module(model, path):
+        return ResolvedSite(hook, path, port)
+    raise AtlasError(f"unknown hook point {hook!r} for {type(model).__name__}: pass --hook-point with a "
+                     f"name such as {HOOK_EXAMPLES} (TransformerLens style) or a module path of the model")
+
+
+def _first_tensor(value):
+    if isinstance(value, (tuple, list)):
+        value = value[0]
+    return value
+
+
+def _first_input(args, kwargs):
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()), None)
+
+
+def probe_sites(model: torch.nn.Module, sites: list[ResolvedSite], input_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """Run one tiny forward with plain hooks; return each site's (execution order, width).
+
+    The order decides the order of reads inside a trace (NNsight requires execution order) and where
+    the forward can stop; the width is checked against the crosscoder's ``d_model``.
+    """
+    fired: dict[tuple[str, str], tuple[int, int]] = {}
+    counter = [0]
+    handles = []
+
+    def record(key, value):
+        if key not in fired:
+            value = _first_tensor(value)
+            width = value.shape[-1] if isinstance(value, torch.Tensor) and value.ndim == 3 else -1
+            fired[key] = (counter[0], width)
+            counter[0] += 1
+
+    for site in {(s.module_path, s.port) for s in sites}:
+        module = model.get_submodule(site[0])
+        if site[1] == "input":
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args, kwargs, key=site: record(key, _first_input(args, kwargs)), with_kwargs=True))
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _a, out, key=site: record(key, out)))
+    try:
+        with torch.inference_mode():
+            model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    finally:
+        for h in handles:
+            h.remove()
+    result = []
+    for s in sites:
+        if (s.module_path, s.port) not in fired:
+            raise AtlasError(f"hook point {s.hook!r} ({s.module_path}) is never reached in a forward pass: "
+                             f"pass another --hook-point such as {HOOK_EXAMPLES}")
+        result.append(fired[(s.module_path, s.port)])
+    return result
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def load_hf_model(spec: str, device: torch.device, dtype: torch.dtype):
+    """(Hugging Face causal LM, tokenizer) for a model spec: ``demo:...``, a local folder, or a hub id."""
+    if spec.startswith("demo:"):
+        from .demo import resolve_model
+
+        return resolve_model(spec, device, dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = os.path.isdir(os.path.expanduser(spec))
+    path = os.path.expanduser(spec) if local else spec
+    offline = _offline()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline or local)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=offline or local)
+    except (OSError, ValueError) as exc:
+        if local:
+            raise AtlasError(f"cannot load the model in {spec!r} ({exc.__class__.__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}): pass with --model a folder "
+                             "written by save_pretrained (config.json, weights, tokenizer)") from exc
+        how = "the Hugging Face hub is offline (HF_HUB_OFFLINE=1)" if offline else \
+            "it is neither a local folder nor reachable on the Hugging Face hub"
+        raise AtlasError(f"model {spec!r} cannot be found: {how}; pass --model with a local path "
+                         "(a save_pretrained folder), or allow network access and unset HF_HUB_OFFLINE") from exc
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _check_same_vocab(tokenizers: dict[str, object]):
+    """The tokenizer with the larger vocabulary, after checking that every vocabulary agrees on shared ids."""
+    items = list(tokenizers.items())
+    base_spec, base = items[0]
+    base_vocab = base.get_vocab()
+    for spec, tok in items[1:]:
+        vocab = tok.get_vocab()
+        small, large = (vocab, base_vocab) if len(vocab) <= len(base_vocab) else (base_vocab, vocab)
+        if any(large.get(t) != i for t, i in small.items()):
+            raise AtlasError(
+                f"models {base_spec!r} and {spec!r} have different tokenizers; a crosscoder reads the same "
+                "token ids through every model, so pass --model with models that share a tokenizer"
+            )
+        if len(vocab) > len(base_vocab):
+            base_spec, base, base_vocab = spec, tok, vocab
+    return base
+
+
+@dataclass
+class ModelSet:
+    """The models a crosscoder reads, one NNsight model per distinct model id, and their shared tokenizer.
+
+    ``sources`` are the crosscoder's sources in order; ``sites[i]`` where source i is read and
+    ``widths[i]`` its width (from a probe forward).
+    """
+
+    sources: list
+    models: dict  # model id → nnsight TransformersModel
+    hf_models: dict  # model id → transformers model
+    tokenizer: object
+    sites: list[ResolvedSite]
+    widths: list[int]
+    device: torch.device
+    dtype: torch.dtype
+    _order: list[int] = field(default_factory=list)  # execution order of each source's site in its model
+    _unembed_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def special_ids(self) -> set[int]:
+        return set(self.tokenizer.all_special_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the corpus can hold and the logit effects cover (the tokenizer's, capped by lm_head)."""
+        rows = min(m.get_output_embeddings().weight.shape[0] for m in self.hf_models.values())
+        return min(len(self.tokenizer), rows)
+
+    def vocab(self) -> list[str]:
+        """Display string of every token id (each decoded alone, so leading spaces show)."""
+        return [self.tokenizer.decode([i]) for i in range(self.vocab_size)]
+
+    def check_compatible(self, crosscoder) -> None:
+        """Raise :class:`AtlasError` unless every source exists and has the crosscoder's width."""
+        if crosscoder.n_sources != len(self.sources):
+            raise AtlasError(f"the crosscoder reads {crosscoder.n_sources} sources but {len(self.sources)} "
+                             "were given: pass --model once per model (or --hook-point) to match")
+        for i, (src, width) in enumerate(zip(self.sources, self.widths)):
+            if width != crosscoder.d_model:
+                raise AtlasError(
+                    f"source {i} ({src.model} at {src.site}) has width {width} but the crosscoder expects "
+                    f"d_in={crosscoder.d_model}: pass the right --model or --hook-point"
+                )
+
+    def extract(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Activations of every source: ``x[B, T, S, d]`` in source order, in the models' dtype.
+
+        ``input_ids`` must be unpadded, equal-length rows; each model's forward stops after the last
+        site it needs.
+        """
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        out: list[torch.Tensor | None] = [None] * len(self.sources)
+        for model_id, nn_model in self.models.items():
+            idx = [i for i, s in enumerate(self.sources) if s.model == model_id]
+            reads = sorted({(self._order[i], self.sites[i].module_path, self.sites[i].port) for i in idx})
+            values = _trace_sites(nn_model, input_ids, attention_mask, [(p, port) for _, p, port in reads])
+            by_site = {(p, port): v for (_, p, port), v in zip(reads, values)}
+            for i in idx:
+                out[i] = by_site[(self.sites[i].module_path, self.sites[i].port)]
+        return torch.stack(out, dim=2)
+
+    def unembeddings(self) -> list[torch.Tensor]:
+        """Per source, ``[d, V]`` float32: the final norm's weight γ folded into ``lm_head``: γ[:, None] * W_U^T.
+
+        γ is the ``weight`` of a LayerNorm; for other norms (RMSNorm, Gemma's ``1 + weight``) it is
+        read off the norm's output for a large constant input, where the normalisation divides it
+        away. Models without a recognised final norm use γ = 1.
+        """
+        result = []
+        for src in self.sources:
+            if src.model not in self._unembed_cache:
+                self._unembed_cache[src.model] = _unembedding(self.hf_models[src.model], self.vocab_size)
+            result.append(self._unembed_cache[src.model])
+        return result
+
+
+def _final_norm_weight(model: torch.nn.Module, d: int) -> torch.Tensor:
+    for path in _FINAL_NORMS:
+        if _has_module(model, path):
+            norm = model.get_submodule(path)
+            if isinstance(norm, torch.nn.LayerNorm):
+                w = norm.weight
+                return w.detach().float() if w is not None else torch.ones(d)
+            param = next(norm.parameters(), None)
+            dtype = param.dtype if param is not None else torch.float32
+            device = param.device if param is not None else "cpu"
+            with torch.inference_mode():
+                probe = torch.full((1, 1, d), 1e3, dtype=dtype, device=device)
+                return norm(probe).float().reshape(d)
+    return torch.ones(d)
+
+
+def _unembedding(model: torch.nn.Module, vocab_size: int) -> torch.Tensor:
+    W_U = model.get_output_embeddings().weight.detach().float()[:vocab_size]  # [V, d]
+    gamma = _final_norm_weight(model, W_U.shape[1]).to(W_U.device)
+    return (gamma[:, None] * W_U.T).contiguous()
+
+
+def _trace_sites(nn_model, input_ids, attention_mask, reads: list[tuple[str, str]]) -> list[torch.Tensor]:
+    """One NNsight trace reading ``(module_path, port)`` pairs in execution order, stopping after the last."""
+    import nnsight
+
+    saved: list = []  # filled inside the trace (a list made outside survives the trace's scope)
+    with torch.inference_mode():
+        with nn_model.trace(input_ids=input_ids, attention_mask=attention_mask) as tracer:
+            for path, port in reads:
+                envoy = _envoy(nn_model, path)
+                value = envoy.input if port == "input" else envoy.output
+                saved.append(nnsight.save(_first_tensor(value)))
+            tracer.stop()
+    for (path, port), value in zip(reads, saved):
+        if not isinstance(value, torch.Tensor) or value.ndim != 3 or value.shape[:2] != input_ids.shape:
+            raise AtlasError(f"the {port} of {path} is not a [batch, tokens, width] tensor "
+                             f"(got {type(value).__name__}): pass another --hook-point")
+    return saved
+
+
+def _envoy(nn_model, path: str):
+    env = nn_model
+    for part in path.split("."):
+        env = env[int(part)] if part.isdigit() else getattr(env, part)
+    return env
+
+
+def load_models(sources: list, device: torch.device, dtype: torch.dtype) -> ModelSet:
+    """Load one NNsight model per distinct model id of ``sources``; resolve and probe every source's site."""
+    from nnsight.modeling.transformers import TransformersModel
+
+    hf_models, tokenizers = {}, {}
+    for src in sources:
+        if src.model not in hf_models:
+            hf_models[src.model], tokenizers[src.model] = load_hf_model(src.model, device, dtype)
+    tokenizer = _check_same_vocab(tokenizers)
+    models = {spec: TransformersModel(hf, task="text-generation", tokenizer=tokenizers[spec])
+              for spec, hf in hf_models.items()}
+    sites = [resolve_hook(hf_models[s.model], s.site) for s in sources]
+    probe_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+    probe = torch.full((1, 2), probe_id, dtype=torch.long, device=device)
+    order, widths = [0] * len(sources), [0] * len(sources)
+    for spec, hf in hf_models.items():
+        idx = [i for i, s in enumerate(sources) if s.model == spec]
+        for i, (o, w) in zip(idx, probe_sites(hf, [sites[i] for i in idx], probe)):
+            order[i], widths[i] = o, w
+    return ModelSet(sources=list(sources), models=models, hf_models=hf_models, tokenizer=tokenizer,
+                    sites=sites, widths=widths, device=device, dtype=dtype, _order=order)
