@@ -23,6 +23,8 @@ PIP_FLAGS := --progress-bar off
 # Nothing is downloaded from a model or dataset hub: the demo model and corpus ship with the packages.
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
+# Material for MkDocs prints a banner about MkDocs 2.0 on every build otherwise.
+export NO_MKDOCS_2_WARNING := 1
 
 STAMP_TORCH := $(VENV)/.installed-torch
 STAMP_DEMO := $(VENV)/.installed-demo
