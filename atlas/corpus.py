@@ -1,0 +1,168 @@
+"""The text corpus as fixed-length token sequences (``torch.LongTensor[N, T]``).
+
+Called by :mod:`atlas.build`; the result goes to :mod:`atlas.analyze` and ends up in the cache's
+``tokens.npy``.
+
+How sequences are made (deterministic for a given corpus, tokenizer and seed):
+
+1. Documents are read through ``datasets`` in streaming mode (nothing is cached on disk), from a local
+   ``.txt`` (one document per paragraph, i.e. blank-line separated), ``.jsonl``/``.json``,
+   ``.parquet`` or ``.csv`` file, a folder of them (recursively, sorted by path), or a hub dataset name
+   (split ``train``) when the hub is reachable. Their order is shuffled with ``seed``: local files are
+   read in a seeded random order, and documents pass through a seeded shuffle buffer of
+   :data:`SHUFFLE_BUFFER` documents (``random.Random(seed)``; datasets' own streaming shuffle is not used
+   because it stalls for seconds on parquet files). Empty documents are skipped.
+2. Each document is tokenised without special tokens; documents are concatenated with the tokenizer's
+   EOS token between them (BOS when there is no EOS).
+3. The stream is cut into consecutive pieces of ``seq_len - 1`` tokens, each prefixed with BOS (or of
+   ``seq_len`` tokens without a prefix when the tokenizer has no BOS). Reading stops as soon as
+   ``n_sequences`` sequences are full; an incomplete last piece is dropped.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import AtlasError
+
+SHUFFLE_BUFFER = 10_000
+TOKENIZE_BATCH = 256
+
+_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _local_files(path: Path) -> dict[str, list[str]]:
+    """Builder name → sorted files, for a corpus file or folder."""
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS)
+        if not files:
+            raise AtlasError(f"the corpus folder {path} holds no .txt, .jsonl, .json, .parquet or .csv file: "
+                             "pass --dataset with a folder or file of text")
+    groups: dict[str, list[str]] = {}
+    for f in files:
+        builder = _BUILDERS.get(f.suffix.lower())
+        if builder is None:
+            raise AtlasError(f"cannot read {f} as a corpus: pass --dataset with a .txt, .jsonl, .json, "
+                             ".parquet or .csv file (or a folder of them)")
+        groups.setdefault(builder, []).append(str(f))
+    return groups
+
+
+def _open_streams(dataset: str, seed: int) -> list:
+    """Streaming ``datasets`` iterables of rows (local files in a seeded order)."""
+    import datasets
+
+    path = Path(dataset).expanduser()
+    streams = []
+    if path.exists():
+        rng = random.Random(seed)
+        for builder, files in _local_files(path).items():
+            rng.shuffle(files)
+            kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+            try:
+                ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any reader failure is a bad corpus file
+                raise AtlasError(f"cannot read the corpus {dataset} ({type(exc).__name__}: {exc}): pass "
+                                 "--dataset with a readable text file") from exc
+            streams.append(ds)
+        return streams
+    try:
+        ds = datasets.load_dataset(dataset, split="train", streaming=True)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown name, no train split, ...
+        raise AtlasError(
+            f"dataset {dataset!r} is not a local file or folder and cannot be loaded from the Hugging Face hub "
+            f"({type(exc).__name__}); pass --dataset with a local .txt/.jsonl/.json/.parquet/.csv file or "
+            "folder, or allow network access (unset HF_DATASETS_OFFLINE)"
+        ) from exc
+    return [ds]
+
+
+def _shuffled(items, seed: int, buffer_size: int = SHUFFLE_BUFFER):
+    """Seeded buffer shuffle: each arriving item replaces a random buffered one, which is yielded."""
+    rng = random.Random(seed)
+    buffer = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(buffer_size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def iter_documents(dataset: str, text_column: str = "text", seed: int = 0):
+    """Yield the corpus's non-empty documents (strings) in their seeded order."""
+    return _shuffled(_read_documents(dataset, text_column, seed), seed)
+
+
+def _read_documents(dataset: str, text_column: str, seed: int):
+    for stream in _open_streams(dataset, seed):
+        for row in stream:
+            if text_column not in row:
+                cols = ", ".join(sorted(row))
+                raise AtlasError(f"the corpus {dataset} has no column {text_column!r} (columns: {cols}): "
+                                 "pass --text-column with the column holding the text")
+            text = row[text_column]
+            if isinstance(text, str) and text.strip():
+                yield text
+
+
+def _batched(it, n):
+    batch = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def load_corpus(dataset: str | None, tokenizer, n_sequences: int, seq_len: int, text_column: str = "text",
+                seed: int = 0) -> torch.LongTensor:
+    """``[N, seq_len]`` token ids cut from the corpus (see the module docstring); N ≤ ``n_sequences``."""
+    if dataset is None:
+        from .demo import DEMO_CORPUS
+
+        dataset = str(DEMO_CORPUS)
+    if n_sequences < 1:
+        raise AtlasError(f"--n-samples must be at least 1 (got {n_sequences})")
+    bos = tokenizer.bos_token_id
+    if seq_len < (2 if bos is not None else 1):
+        raise AtlasError(f"--seq-len {seq_len} is too short: pass --seq-len 2 or more")
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    body = seq_len - 1 if bos is not None else seq_len
+    need = n_sequences * body
+
+    stream: list[int] = []
+    n_docs = 0
+    for texts in _batched(iter_documents(dataset, text_column, seed), TOKENIZE_BATCH):
+        for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+            if n_docs and separator is not None:
+                stream.append(separator)
+            stream.extend(ids)
+            n_docs += 1
+        if len(stream) >= need:
+            break
+    if not stream:
+        raise AtlasError(f"the corpus {dataset} is empty (no text in column {text_column!r}): pass --dataset "
+                         "with a corpus that holds text")
+    n = min(n_sequences, len(stream) // body)
+    if n == 0:
+        raise AtlasError(f"corpus too short: {dataset} gives {len(stream)} tokens, but one sequence needs "
+                         f"{body}: pass a smaller --seq-len or a larger --dataset")
+    if n < n_sequences:
+        print(f"atlas: the corpus gives only {n} sequences of {seq_len} tokens (asked for {n_sequences}); "
+              f"using {n}", file=sys.stderr)
+    rows = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
+    if bos is not None:
+        rows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), rows], dim=1)
+    return rows

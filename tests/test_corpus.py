@@ -1,0 +1,115 @@
+"""atlas.corpus: reading local corpora through datasets and cutting fixed-length sequences."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from atlas.corpus import iter_documents, load_corpus
+from atlas.errors import AtlasError
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+def _stream(tok, docs):
+    """Brute force: every document tokenised alone, EOS between documents."""
+    out = []
+    for i, d in enumerate(docs):
+        if i:
+            out.append(tok.eos_token_id)
+        out.extend(tok.encode(d, add_special_tokens=False))
+    return out
+
+
+def test_sequences_are_consecutive_pieces_of_the_document_stream(tok, tiny_corpus_jsonl):
+    rows = load_corpus(str(tiny_corpus_jsonl), tok, n_sequences=30, seq_len=40, seed=3)
+    assert rows.dtype == torch.long and rows.shape == (30, 40)
+    assert (rows[:, 0] == tok.bos_token_id).all()
+    docs = list(iter_documents(str(tiny_corpus_jsonl), seed=3))
+    want = _stream(tok, docs)[: 30 * 39]
+    assert rows[:, 1:].flatten().tolist() == want
+
+
+def test_document_order_is_a_seeded_permutation(tiny_corpus_jsonl, tok):
+    in_file = [json.loads(line)["text"] for line in tiny_corpus_jsonl.read_text().splitlines()]
+    a = list(iter_documents(str(tiny_corpus_jsonl), seed=0))
+    assert sorted(a) == sorted(in_file)
+    assert a == list(iter_documents(str(tiny_corpus_jsonl), seed=0))
+    assert a != list(iter_documents(str(tiny_corpus_jsonl), seed=1))
+    x0 = load_corpus(str(tiny_corpus_jsonl), tok, 10, 32, seed=0)
+    assert torch.equal(x0, load_corpus(str(tiny_corpus_jsonl), tok, 10, 32, seed=0))
+    assert not torch.equal(x0, load_corpus(str(tiny_corpus_jsonl), tok, 10, 32, seed=1))
+
+
+def test_txt_paragraphs_are_documents(tmp_path, tok):
+    paras = ["First paragraph,\nwith two lines.", "Second one.", "Third: the end of it all, really."]
+    (tmp_path / "c.txt").write_text("\n\n".join(paras) + "\n")
+    assert sorted(d.strip() for d in iter_documents(str(tmp_path / "c.txt"))) == sorted(paras)
+
+
+def test_folder_of_mixed_files(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "alpha document text"}) + "\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.csv").write_text("body,other\nbeta document text,1\n")
+    pq.write_table(pa.table({"body": ["gamma document text"]}), tmp_path / "c.parquet")
+    (tmp_path / "notes.md").write_text("ignored")
+    docs = list(iter_documents(str(tmp_path), text_column="body"))
+    assert sorted(docs) == ["alpha document text", "beta document text", "gamma document text"]
+    rows = load_corpus(str(tmp_path), tok, 1, 6, text_column="body")
+    assert rows.shape == (1, 6)
+
+
+def test_short_and_empty_corpora(tmp_path, tok, capsys):
+    (tmp_path / "short.txt").write_text("only a few words here\n")
+    (doc,) = iter_documents(str(tmp_path / "short.txt"))
+    n_tokens = len(tok.encode(doc, add_special_tokens=False))
+    with pytest.raises(AtlasError, match="corpus too short.*--seq-len.*--dataset"):
+        load_corpus(str(tmp_path / "short.txt"), tok, 4, n_tokens + 2)
+    rows = load_corpus(str(tmp_path / "short.txt"), tok, 100, 3)
+    assert rows.shape == (n_tokens // 2, 3)
+    assert "only" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    with pytest.raises(AtlasError, match="empty"):
+        load_corpus(str(tmp_path / "empty.txt"), tok, 4, 8)
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(AtlasError, match="--dataset"):
+        load_corpus(str(tmp_path / "empty_dir"), tok, 4, 8)
+
+
+def test_wrong_column_and_unreachable_hub(tmp_path, tok, monkeypatch):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"content": "some text"}) + "\n")
+    with pytest.raises(AtlasError, match="content.*--text-column"):
+        load_corpus(str(tmp_path / "c.jsonl"), tok, 1, 4)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(AtlasError, match="local .txt"):
+        load_corpus("someone/some-unknown-dataset", tok, 1, 4)
+
+
+def test_default_is_the_demo_corpus(tmp_path, tok, monkeypatch):
+    import atlas.demo
+
+    (tmp_path / "demo.txt").write_text("the demo corpus says hello to everyone here\n")
+    monkeypatch.setattr(atlas.demo, "DEMO_CORPUS", tmp_path / "demo.txt", raising=False)
+    rows = load_corpus(None, tok, 1, 5)
+    assert tok.decode(rows[0, 1:]).startswith("the demo")
+
+
+def test_tokenizer_without_bos(tmp_path, tok):
+    from transformers import PreTrainedTokenizerFast
+
+    no_bos = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<eos>")
+    assert no_bos.bos_token_id is None
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one two", "three four"]))
+    rows = load_corpus(str(tmp_path / "c.jsonl"), no_bos, 100, 2)
+    docs = list(iter_documents(str(tmp_path / "c.jsonl")))
+    want = _stream(no_bos, docs)
+    assert rows.flatten().tolist() == want[: len(want) // 2 * 2]
