@@ -15,7 +15,7 @@ import html
 import os
 
 PAGE = "cli.md"
-_WIDTH = 100  # fixed help width: the page must not depend on the terminal that built it
+_WIDTH = 80  # fixed help width: the page must not depend on the terminal that built it
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.ArgumentParser, str]]:
