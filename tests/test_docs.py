@@ -3,6 +3,7 @@ the ``atlas`` MkDocs plugin."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -327,3 +328,87 @@ def test_plugin_is_registered_as_entry_point():
 
     eps = {ep.name: ep.value for ep in entry_points(group="mkdocs.plugins")}
     assert eps.get("atlas") == "atlas.mkdocs_plugin:AtlasPlugin"
+
+
+# -- the GitHub Pages workflow ---------------------------------------------------------------------
+
+WORKFLOW = REPO / ".github" / "workflows" / "atlas-pages.yml"
+
+
+def _workflow():
+    import yaml
+
+    return yaml.safe_load(WORKFLOW.read_text())
+
+
+def test_pages_workflow_renders_and_deploys():
+    wf = _workflow()
+    on = wf.get("on", wf.get(True))  # YAML 1.1 reads the key `on` as true
+    assert "workflow_dispatch" in on
+    assert wf["permissions"] == {"contents": "read", "pages": "write", "id-token": "write"}
+    build = wf["jobs"]["build"]["steps"]
+    runs = "\n".join(s.get("run", "") for s in build)
+    uses = [s.get("uses", "") for s in build] + [s.get("uses", "") for s in wf["jobs"]["deploy"]["steps"]]
+    assert 'atlas render "$ATLAS_CACHE" -o _site' in runs
+    assert "--no-deps" in runs and "torch" not in runs
+    assert any(u.startswith("actions/upload-pages-artifact@") for u in uses)
+    assert any(u.startswith("actions/deploy-pages@") for u in uses)
+    upload = next(s for s in build if s.get("uses", "").startswith("actions/upload-pages-artifact@"))
+    assert upload["with"]["path"] == "_site"
+    assert wf["jobs"]["deploy"]["needs"] == "build"
+    assert wf["env"]["ATLAS_CACHE"] + "/**" in on["push"]["paths"]
+
+
+def _workflow_requirements() -> set[str]:
+    """Distribution names the workflow installs besides Crosscoder Atlas (from its `pip install` lines)."""
+    runs = "\n".join(s.get("run", "") for s in _workflow()["jobs"]["build"]["steps"])
+    names = set()
+    for line in runs.splitlines():
+        if "pip install" in line and "--no-deps" not in line:
+            for req in re.findall(r'"([A-Za-z0-9_.-]+)[^"]*"', line):
+                names.add(req.lower())
+    return names
+
+
+@pytest.mark.slow
+def test_pages_workflow_installs_everything_render_imports(tmp_path):
+    """Render a cache in a fresh interpreter; every third-party module it loads must come from the
+    workflow's `pip install` list (or their requirements), and torch must not be loaded at all."""
+    from importlib.metadata import packages_distributions, requires
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from synthetic_cache import write_synthetic_cache
+
+    cache = write_synthetic_cache(tmp_path / "atlas-data", n_features=6, vocab_size=120, n_sequences=24, seq_len=40)
+    code = (
+        "import sys, json\n"
+        "from atlas.cli import main\n"
+        f"rc = main(['render', {str(cache)!r}, '-o', {str(tmp_path / 'site')!r}])\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+        "sys.exit(rc)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    loaded = set(json.loads(res.stdout.strip().splitlines()[-1]))
+    assert (tmp_path / "site" / "index.html").is_file()
+    assert "torch" not in loaded
+
+    allowed = set(_workflow_requirements())
+    todo = list(allowed)
+    while todo:  # add the requirements of what the workflow installs
+        try:
+            reqs = requires(todo.pop()) or []
+        except Exception:
+            continue
+        for r in reqs:
+            if "extra ==" in r:
+                continue
+            name = re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower()
+            if name not in allowed:
+                allowed.add(name)
+                todo.append(name)
+    dists = packages_distributions()
+    third_party = {m for m in loaded if m not in sys.stdlib_module_names and m in dists and m != "atlas"}
+    missing = {m: dists[m] for m in third_party
+               if not {d.lower().replace("_", "-") for d in dists[m]} & {a.replace("_", "-") for a in allowed}}
+    assert not missing, f"atlas render imports {missing}, which atlas-pages.yml does not install"
