@@ -26,6 +26,21 @@ def _activation(cc: Crosscoder) -> str:
     return cc.activation
 
 
+def _grid(cc: Crosscoder) -> tuple[int, int]:
+    """(models, sites) of the source list, placeholders counted as distinct models."""
+    if cc.extra.get("grid"):
+        M, P = cc.extra["grid"]
+        return int(M), int(P)
+    S = len(cc.sources)
+    models = [s.model for s in cc.sources]
+    sites = {s.site for s in cc.sources}
+    if len(sites) == 1:
+        return S, 1
+    if len(set(models)) == 1 and models[0] != UNKNOWN_MODEL:
+        return 1, S
+    return len(set(models)), len(sites)
+
+
 def _dtype(cc: Crosscoder, raw: RawCheckpoint) -> str:
     stored = list(raw.stored_dtypes)
     if not stored or stored == ["float32"]:
@@ -47,9 +62,9 @@ def describe(cc: Crosscoder, raw: RawCheckpoint, label: str, warnings: list[str]
     if cls:
         lines[-1] += f" ({cls})"
     kind = "SAE (one source)" if S == 1 else f"crosscoder, {S} sources"
-    models = {s.model for s in cc.sources}
     if S > 1:
-        kind += f" ({len(models)} model{'s' if len(models) != 1 else ''} × {len({s.site for s in cc.sources})} site(s))"
+        M, P = _grid(cc)
+        kind += f" ({M} model{'s' if M != 1 else ''} × {P} site{'s' if P != 1 else ''})"
     lines.append(f"Kind           {kind}")
     lines.append("Sources")
     width = max(len(s.model) for s in cc.sources)

@@ -189,6 +189,9 @@ def convert(raw: RawCheckpoint, opts: Options) -> Crosscoder:
     dec_b = require(raw, "decoder.bias", LABEL, 2)
     S_enc, d, F = enc_w.shape
     S = dec_w.shape[0]
+    if tuple(dec_w.shape[1:]) != (F, d):
+        expect_shape(raw, "decoder.weight", dec_w, (S_enc, F, d),
+                     f"encoder.weight {fmt_shape(enc_w.shape)} (decoder.weight is [S, F, d])")
     if S_enc != S:
         raise AtlasError(
             f"{raw.path}: the encoder reads {S_enc} layers but the decoder writes {S} (encoder_layers); "
