@@ -1,0 +1,252 @@
+"""atlas.analyze end to end on tiny models: the cache checked against brute force over the same tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from factory import crosscoder_from_ckkissane, resid_post
+from transformers import AutoModelForCausalLM
+
+from atlas.analyze import AnalysisOptions, run_analysis
+from atlas.cache import read_cache
+from atlas.corpus import load_corpus
+from atlas.crosscoder import Source
+from atlas.errors import AtlasError
+from atlas.models import load_models
+
+CPU = torch.device("cpu")
+OPTIONS = AnalysisOptions(n_features=0, batch_size=5, top_k=5, seed=3, dataset="tiny", n_intervals=4,
+                          interval_k=3, window_before=4, window_after=2, logit_k=6, logit_hist_bins=9,
+                          n_neighbours=3, scale_batches=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def diff_setup(tiny_world):
+    """A two-model crosscoder (Llama base vs perturbed copy), its models, and 22 sequences of 24 tokens."""
+    a, b = str(tiny_world.llama_dir), str(tiny_world.llama_chat_dir)
+    cc = crosscoder_from_ckkissane(tiny_world.crosscoder_ckpt, [a, b])
+    models = load_models(cc.sources, CPU, torch.float32)
+    tokens = load_corpus(str(tiny_world.corpus_jsonl), models.tokenizer, n_sequences=22, seq_len=24, seed=1)
+    return cc, models, tokens
+
+
+@pytest.fixture(scope="module")
+def diff_cache(diff_setup, tmp_path_factory):
+    cc, models, tokens = diff_setup
+    folder = tmp_path_factory.mktemp("diff-cache")
+    manifest = run_analysis(cc, models, tokens, OPTIONS, folder, CPU, torch.float32)
+    return manifest, read_cache(folder), folder
+
+
+@pytest.fixture(scope="module")
+def brute(diff_setup, diff_cache):
+    """All activations by plain forward hooks and a direct encode: acts[N, T, F] (BOS zeroed), x, scale."""
+    cc, models, tokens = diff_setup
+    hf = [AutoModelForCausalLM.from_pretrained(s.model).eval() for s in cc.sources]
+    x = torch.stack([resid_post(m, tokens, 1) for m in hf], dim=2)  # [N, T, S, d]
+    counted = tokens != models.bos_token_id
+    first = x[: OPTIONS.batch_size * OPTIONS.scale_batches][counted[: OPTIONS.batch_size * OPTIONS.scale_batches]]
+    scale = math.sqrt(x.shape[-1]) / first.norm(dim=-1).mean(0)
+    scaled = dataclasses.replace(cc, input_scale=scale)
+    N, T, S, d = x.shape
+    acts = torch.cat([scaled.encode(x[lo:lo + 5].reshape(-1, S, d)).reshape(-1, T, cc.n_features)
+                      for lo in range(0, N, 5)])
+    acts = acts * counted[:, :, None]
+    return acts.numpy(), scale, hf
+
+
+def test_cache_is_complete_and_consistent(diff_setup, diff_cache):
+    cc, models, tokens = diff_setup
+    manifest, cache, _ = diff_cache
+    F = cc.n_features
+    assert manifest.complete and cache.manifest.n_features == F
+    assert [s.model for s in cache.manifest.sources] == [s.model for s in cc.sources]
+    assert cache.manifest.n_tokens == tokens.numel() - tokens.shape[0]  # BOS excluded
+    assert cache.manifest.n_sequences == 22 and cache.manifest.settings.seq_len == 24
+    np.testing.assert_array_equal(cache.tokens, tokens.numpy())
+    assert len(cache.vocab) == 512 and cache.vocab[models.bos_token_id] == "<bos>"
+    W = cache.manifest.settings.window
+    assert cache.examples.top_window.shape == (F, 5, W)
+    assert cache.examples.iv_window.shape == (F, 8, 3, W)
+    assert cache.logits.top_ids.shape == (F, 2, 6) and cache.logits.hist_counts.shape == (F, 2, 9)
+    assert (cache.logits.hist_counts.sum(-1) == 512).all()
+    assert not (diff_cache[2] / "state").exists()
+
+
+def test_input_scale_estimate(diff_cache, brute):
+    manifest, _, _ = diff_cache
+    _, scale, _ = brute
+    assert manifest.checkpoint["input_scale_estimated"] is True
+    np.testing.assert_allclose(manifest.checkpoint["input_scale"], scale.numpy(), rtol=1e-5)
+
+
+def test_density_max_mean_match_brute_force(diff_cache, brute):
+    _, cache, _ = diff_cache
+    acts, _, _ = brute
+    a = acts.reshape(-1, acts.shape[-1])
+    n_tokens = cache.manifest.n_tokens
+    fs = cache.features
+    np.testing.assert_array_equal(fs.n_active, (a > 0).sum(0))
+    np.testing.assert_allclose(fs.density, (a > 0).sum(0) / n_tokens, rtol=1e-6)
+    np.testing.assert_allclose(fs.max_act, a.max(0), rtol=1e-5, atol=1e-6)
+    mean = a.sum(0) / np.maximum((a > 0).sum(0), 1)
+    np.testing.assert_allclose(fs.mean_act, mean, rtol=1e-4, atol=1e-6)
+    assert fs.n_active[0] == 0  # the factory's dead feature
+    assert 0 < (fs.density > 0).sum() and (fs.density < 0.5).all()
+    assert (fs.hist_counts.sum(1) == fs.n_active).all()
+
+
+def test_top_examples_match_brute_force(diff_cache, brute):
+    _, cache, _ = diff_cache
+    acts, _, _ = brute
+    ex = cache.examples
+    N, T, F = acts.shape
+    for f in range(F):
+        best = acts[:, :, f].max(1)
+        want = [s for s in np.argsort(-best, kind="stable") if best[s] > 0][:5]
+        got = [s for s in ex.top_seq[f] if s >= 0]
+        np.testing.assert_allclose(ex.top_act[f, :len(got)], best[want], rtol=1e-5)
+        assert got == want or np.allclose(best[got], best[want], rtol=1e-5)  # ties in value
+        for j, s in enumerate(got):
+            p = ex.top_pos[f, j]
+            assert p > 0 and acts[s, p, f] == pytest.approx(ex.top_act[f, j], rel=1e-5)
+            lo, hi = p - 4, p + 3
+            want_window = np.zeros(7, np.float32)
+            want_window[max(0, -lo):7 - max(0, hi - T)] = acts[s, max(lo, 0):min(hi, T), f]
+            np.testing.assert_allclose(ex.top_window[f, j], want_window, rtol=2e-3, atol=1e-4)
+
+
+def test_interval_samples_lie_in_their_intervals(diff_cache, brute):
+    _, cache, _ = diff_cache
+    acts, _, _ = brute
+    ex, fs = cache.examples, cache.features
+    F, G, k = ex.iv_seq.shape
+    for f in range(F):
+        if fs.n_active[f] == 0:
+            assert (ex.iv_seq[f] == -1).all()
+            continue
+        w = ex.iv_width[f]
+        assert fs.max_act[f] <= G * w * (1 + 1e-6) and fs.max_act[f] > G * w / 2 * (1 - 1e-6)
+        vals = acts[:, :, f][acts[:, :, f] > 0]
+        for g in range(G):
+            n_in = int(((vals > g * w) & (vals <= (g + 1) * w)).sum())
+            sel = ex.iv_seq[f, g] >= 0
+            assert sel.sum() == min(k, n_in)
+            for s, p, v in zip(ex.iv_seq[f, g][sel], ex.iv_pos[f, g][sel], ex.iv_act[f, g][sel]):
+                assert acts[s, p, f] == pytest.approx(v, rel=1e-5)
+                assert g * w < v <= (g + 1) * w
+            assert len({(s, p) for s, p in zip(ex.iv_seq[f, g][sel], ex.iv_pos[f, g][sel])}) == sel.sum()
+
+
+def test_logit_effects_match_brute_force(diff_setup, diff_cache, brute):
+    cc, _, _ = diff_setup
+    _, cache, _ = diff_cache
+    _, _, hf = brute
+    lg = cache.logits
+    for s, model in enumerate(hf):
+        U = (model.model.norm.weight[:, None] * model.lm_head.weight.T).detach().numpy()  # [d, V]
+        eff = cc.W_dec[:, s].numpy() @ U  # [F, V]
+        order = np.argsort(-eff, axis=1)
+        np.testing.assert_array_equal(lg.top_ids[:, s], order[:, :6])
+        np.testing.assert_allclose(lg.top_vals[:, s], np.take_along_axis(eff, order[:, :6], 1), rtol=1e-4,
+                                   atol=1e-6)
+        np.testing.assert_array_equal(lg.bot_ids[:, s], order[:, ::-1][:, :6])
+        np.testing.assert_allclose(lg.hist_lo[:, s], eff.min(1), rtol=1e-4)
+        np.testing.assert_allclose(lg.hist_hi[:, s], eff.max(1), rtol=1e-4)
+
+
+def test_decoder_geometry(diff_setup, diff_cache):
+    cc, _, _ = diff_setup
+    _, cache, _ = diff_cache
+    fs = cache.features
+    norms = cc.W_dec.norm(dim=-1).numpy()
+    np.testing.assert_allclose(fs.dec_norm, norms, rtol=1e-5)
+    np.testing.assert_allclose(fs.rel_norm, norms[:, 1] / norms.sum(1), rtol=1e-5)
+    # the factory's kinds: shared (f % 4 in {0, 3}), A-only (1), B-only (2)
+    assert np.allclose(fs.dec_cos[::4], 1, atol=1e-5) and (fs.rel_norm[1::4] < 0.1).all()
+    assert (fs.rel_norm[2::4] > 0.9).all()
+    assert fs.neighbours.shape == (cc.n_features, 3)
+    assert (fs.neighbours != np.arange(cc.n_features)[:, None]).all()
+
+
+def test_resume_after_interruption_gives_the_same_cache(diff_setup, diff_cache, tmp_path):
+    cc, models, tokens = diff_setup
+    _, full, _ = diff_cache
+
+    class Interrupting:
+        def __init__(self, inner, after):
+            self.inner, self.after, self.calls = inner, after, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def extract(self, ids, mask):
+            self.calls += 1
+            if self.calls > self.after:
+                raise KeyboardInterrupt
+            return self.inner.extract(ids, mask)
+
+    options = dataclasses.replace(OPTIONS, save_every=2)
+    # 2 batches for the scale estimate, then 3 analysis batches; the state holds 2 of them
+    with pytest.raises(KeyboardInterrupt):
+        run_analysis(cc, Interrupting(models, 5), tokens, options, tmp_path, CPU, torch.float32)
+    state = torch.load(tmp_path / "state" / "summaries.pt", weights_only=True)
+    assert state["batches_done"] == 2
+    resumed_models = Interrupting(models, 10**9)
+    run_analysis(cc, resumed_models, tokens, options, tmp_path, CPU, torch.float32)
+    assert resumed_models.calls == 5 - 2  # 22 sequences = 5 batches, 2 done before; no new scale estimate
+    assert not (tmp_path / "state").exists()
+    resumed = read_cache(tmp_path)
+    for part in ("features", "examples", "logits"):
+        a, b = getattr(full, part), getattr(resumed, part)
+        for field in dataclasses.fields(a):
+            np.testing.assert_array_equal(getattr(a, field.name), getattr(b, field.name), err_msg=field.name)
+    # a complete cache made from the same inputs is reused without running the models
+    again = Interrupting(models, 0)
+    run_analysis(cc, again, tokens, options, tmp_path, CPU, torch.float32)
+    assert again.calls == 0
+
+
+def test_feature_slice_and_bos_option(diff_setup, diff_cache, tmp_path, capsys):
+    cc, models, tokens = diff_setup
+    _, full, _ = diff_cache
+    options = dataclasses.replace(OPTIONS, n_features=10, exclude_bos=False)
+    manifest = run_analysis(cc, models, tokens, options, tmp_path, CPU, torch.float32)
+    out = capsys.readouterr().out
+    assert "analysed 10 features" in out and "dead" in out and "dense" in out
+    sliced = read_cache(tmp_path)
+    assert manifest.n_features == 10 and sliced.features.density.shape == (10,)
+    assert manifest.n_tokens == tokens.numel() and manifest.checkpoint["n_features_total"] == 64
+    bos_hits = sliced.features.n_active - full.features.n_active[:10]
+    assert (bos_hits >= 0).all() and (bos_hits <= tokens.shape[0]).all()
+
+
+def test_given_input_scale_and_cross_layer_sources(tiny_world, tmp_path):
+    path = str(tiny_world.gpt2_dir)
+    sae = crosscoder_from_ckkissane(tiny_world.sae_ckpt, [path], input_scale=torch.tensor([0.7]))
+    two_layers = dataclasses.replace(
+        sae, W_enc=torch.cat([sae.W_enc, sae.W_enc]), W_dec=torch.cat([sae.W_dec, sae.W_dec], 1),
+        b_dec=torch.cat([sae.b_dec, sae.b_dec]), input_scale=torch.tensor([0.7, 0.5]),
+        sources=[Source(path, "blocks.0.hook_resid_post"), Source(path, "blocks.2.hook_resid_post")])
+    models = load_models(two_layers.sources, CPU, torch.float32)
+    assert len(models.models) == 1
+    tokens = load_corpus(str(tiny_world.corpus_txt), models.tokenizer, n_sequences=6, seq_len=16)
+    manifest = run_analysis(two_layers, models, tokens, OPTIONS, tmp_path, CPU, torch.float32)
+    assert manifest.checkpoint["input_scale"] == pytest.approx([0.7, 0.5])
+    assert manifest.checkpoint["input_scale_estimated"] is False
+    fs = read_cache(tmp_path).features
+    np.testing.assert_allclose(fs.rel_norm, 0.5, rtol=1e-6)  # the same decoder at both layers
+    np.testing.assert_allclose(fs.dec_cos, 1, rtol=1e-5)
+    assert [s.site for s in manifest.sources] == ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
+
+
+def test_nan_activations_are_an_atlas_error(diff_setup, tmp_path):
+    cc, models, tokens = diff_setup
+    broken = dataclasses.replace(cc, W_enc=cc.W_enc.clone(), input_scale=torch.ones(2))
+    broken.W_enc[0, 0, 3] = float("nan")
+    with pytest.raises(AtlasError, match="NaN"):
+        run_analysis(broken, models, tokens, OPTIONS, tmp_path, CPU, torch.float32)
