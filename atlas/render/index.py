@@ -1,0 +1,71 @@
+"""The index table's data: every feature's scalars in columnar chunks.
+
+The index page loads every chunk (they are small: ~20 bytes per feature before compression) and keeps
+them in typed arrays, so sorting and filtering 100k rows happens in memory while the table renders only
+the rows in view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .chunks import chunk_script, pack
+from .features import FeatureFacts
+from .labels import Label
+from .text import chip
+
+ROWS_PER_CHUNK = 8192
+
+
+@dataclass
+class IndexChunk:
+    """``data/index/<k>.js``: rows ``k * rows_per_chunk …`` of the feature table (features in id order).
+
+    Read by ``assets/index.js``. msgpack map:
+
+    - ``k``: chunk index; ``start``: id of the first row; ``n``: rows
+    - ``d``, ``m``: bin float32 LE density and max activation
+    - ``r``, ``c``: bin float32 LE relative decoder norm and decoder cosine (NaN unless S = 2)
+    - ``p``: bin uint16 LE peak source (argmax of the decoder norm)
+    - ``ts``: token chip strings used by this chunk; ``tt``: bin uint32 LE ``n × 3``: top tokens as
+      indices into ``ts`` plus one (0 = none)
+    - ``lb``: list of ``n`` labels (``""`` for none), or ``null`` when the site has no labels
+    """
+
+    k: int
+    rows: list[FeatureFacts]
+
+    def to_obj(self, strings: list[str], labels: dict[int, Label] | None) -> dict:
+        rows = self.rows
+        table: dict[str, int] = {}
+        tt = np.zeros((len(rows), 3), dtype=np.uint32)
+        for r, f in enumerate(rows):
+            for c, t in enumerate(f.top_tokens[:3]):
+                s = chip(strings[t])
+                tt[r, c] = table.setdefault(s, len(table)) + 1
+        return {
+            "k": self.k,
+            "start": rows[0].id if rows else 0,
+            "n": len(rows),
+            "d": pack([f.density for f in rows], "f4"),
+            "m": pack([f.max_act for f in rows], "f4"),
+            "r": pack([f.rel_norm for f in rows], "f4"),
+            "c": pack([f.dec_cos for f in rows], "f4"),
+            "p": pack([f.peak for f in rows], "u2"),
+            "ts": list(table),
+            "tt": pack(tt.ravel(), "u4"),
+            "lb": None if labels is None else [labels[f.id].label if f.id in labels else "" for f in rows],
+        }
+
+
+def index_chunk_files(facts: list[FeatureFacts], strings: list[str], labels: dict[int, Label] | None,
+                      rows_per_chunk: int = ROWS_PER_CHUNK) -> dict[str, bytes]:
+    """``{path in the site: bytes}`` of every index chunk (at least one, possibly empty)."""
+    out = {}
+    n_chunks = max(1, (len(facts) + rows_per_chunk - 1) // rows_per_chunk)
+    for k in range(n_chunks):
+        chunk = IndexChunk(k, facts[k * rows_per_chunk:(k + 1) * rows_per_chunk])
+        out[f"data/index/{k}.js"] = chunk_script(f"index/{k}", chunk.to_obj(strings, labels))
+    return out

@@ -1,0 +1,128 @@
+"""The model-diff overview (``diff/index.html``): distributions over all features, bins as links.
+
+For two-source crosscoders: the relative decoder norm ``r = ‖d_1‖ / (‖d_0‖ + ‖d_1‖)`` of every alive
+feature and the decoder cosine of the shared ones; for S > 2: each feature's peak source. Every bar
+links to the index filtered to its bin (``../index.html#rel=0.40-0.45``), which ``assets/index.js``
+reads. A bin ``lo-hi`` holds ``lo ≤ x < hi`` (the last bin also ``x = hi``); the browser compares the
+same float32 values with the same decimal edges, so the counts agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .features import FeatureFacts
+
+REL_A_ONLY = 0.3  # r below: the decoder writes mostly to source 0 (model A)
+REL_B_ONLY = 0.7  # r above: mostly to source 1 (model B)
+REL_BINS = 20
+COS_BINS = 20
+
+CHART_W, CHART_H, PAD_L, PAD_B, PAD_T = 640, 180, 44, 34, 10
+
+
+@dataclass
+class Bar:
+    x: float
+    y: float
+    w: float
+    h: float
+    count: int
+    label: str  # "0.40–0.45"
+    href: str
+
+
+@dataclass
+class Chart:
+    """One histogram, laid out for an inline SVG (``site_templates/diff.html``)."""
+
+    title: str
+    note: str
+    bars: list[Bar]
+    ticks: list[tuple[float, str]]  # (x, text) under the axis
+    y_max: int
+    width: int = CHART_W
+    height: int = CHART_H
+    pad_left: int = PAD_L
+    pad_bottom: int = PAD_B
+    pad_top: int = PAD_T
+
+
+def rel_class(r: float) -> str:
+    if not np.isfinite(r):
+        return ""
+    return "a" if r < REL_A_ONLY else ("b" if r > REL_B_ONLY else "shared")
+
+
+def _edges(lo: float, hi: float, n: int) -> list[str]:
+    return [f"{lo + (hi - lo) * k / n:.2f}" for k in range(n + 1)]
+
+
+def _bin_counts(values: np.ndarray, edges: list[str]) -> np.ndarray:
+    e = np.array([float(x) for x in edges])
+    v = values[np.isfinite(values)]
+    v = v[(v >= e[0]) & (v <= e[-1])]
+    idx = np.clip(np.searchsorted(e, v, side="right") - 1, 0, len(e) - 2)
+    return np.bincount(idx, minlength=len(e) - 1)
+
+
+def _layout(counts, labels, hrefs, ticks_at, title, note) -> Chart:
+    n = len(counts)
+    inner_w = CHART_W - PAD_L - 8
+    inner_h = CHART_H - PAD_B - PAD_T
+    y_max = max(int(max(counts, default=0)), 1)
+    bw = inner_w / max(n, 1)
+    bars = []
+    for i, (c, lab, href) in enumerate(zip(counts, labels, hrefs)):
+        h = inner_h * int(c) / y_max
+        bars.append(Bar(round(PAD_L + i * bw + 1, 2), round(PAD_T + inner_h - h, 2), round(bw - 2, 2),
+                        round(h, 2), int(c), lab, href))
+    ticks = [(round(PAD_L + i * bw, 2), t) for i, t in ticks_at]
+    return Chart(title=title, note=note, bars=bars, ticks=ticks, y_max=y_max)
+
+
+def rel_chart(facts: list[FeatureFacts]) -> Chart:
+    r = np.array([f.rel_norm for f in facts if f.alive], dtype=np.float32)
+    edges = _edges(0.0, 1.0, REL_BINS)
+    counts = _bin_counts(r, edges)
+    labels = [f"{edges[i]}–{edges[i + 1]}" for i in range(REL_BINS)]
+    hrefs = [f"../index.html#rel={edges[i]}-{edges[i + 1]}" for i in range(REL_BINS)]
+    ticks = [(i, edges[i]) for i in range(0, REL_BINS + 1, 4)]
+    return _layout(counts, labels, hrefs, ticks, "Relative decoder norm",
+                   f"r = ‖d_B‖ / (‖d_A‖ + ‖d_B‖) of {len(r):,} alive features: r < {REL_A_ONLY} model-A-only, "
+                   f"r > {REL_B_ONLY} model-B-only, shared between")
+
+
+def cos_chart(facts: list[FeatureFacts]) -> Chart:
+    c = np.array([f.dec_cos for f in facts if f.alive and rel_class(f.rel_norm) == "shared"], dtype=np.float32)
+    edges = _edges(-1.0, 1.0, COS_BINS)
+    counts = _bin_counts(c, edges)
+    labels = [f"{edges[i]}–{edges[i + 1]}" for i in range(COS_BINS)]
+    hrefs = [f"../index.html#rel={REL_A_ONLY:.2f}-{REL_B_ONLY:.2f}&cos={edges[i]}-{edges[i + 1]}"
+             for i in range(COS_BINS)]
+    ticks = [(i, edges[i]) for i in range(0, COS_BINS + 1, 5)]
+    return _layout(counts, labels, hrefs, ticks, "Decoder cosine of shared features",
+                   f"cosine(d_A, d_B) of the {len(c):,} shared features ({REL_A_ONLY} ≤ r ≤ {REL_B_ONLY})")
+
+
+def peak_chart(facts: list[FeatureFacts], source_names: list[str]) -> Chart:
+    S = len(source_names)
+    counts = np.bincount([f.peak for f in facts if f.alive], minlength=S)[:S]
+    labels = source_names
+    hrefs = [f"../index.html#peak={s}" for s in range(S)]
+    step = max(1, S // 12)
+    ticks = [(s + 0.5, str(s)) for s in range(0, S, step)]
+    return _layout(counts, labels, hrefs, ticks, "Peak source per feature",
+                   "the source each alive feature's decoder writes to most (argmax of ‖W_dec[f, s]‖)")
+
+
+def overview_charts(facts: list[FeatureFacts], source_names: list[str]) -> list[Chart]:
+    """The charts of the overview page (none for a one-source SAE)."""
+    S = len(source_names)
+    if S == 2:
+        return [rel_chart(facts), cos_chart(facts)]
+    if S > 2:
+        return [peak_chart(facts, source_names)]
+    return []

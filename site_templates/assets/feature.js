@@ -1,0 +1,292 @@
+/* Crosscoder Atlas: a feature page (f/<id>/index.html).
+ *
+ * Reads the payload embedded in <script type="application/x-atlas" id="atlas-feature"> (schema:
+ * atlas/render/features.py FeaturePayload), loads the vocab shards it lists, and draws the panels:
+ * top examples and interval groups (tokens shaded by activation, the max token marked .tok.max, hover
+ * shows the value), activation histogram, logit tables and histograms, decoder norms. Also: copy
+ * permalink, embed code, j/k and arrow keys for previous/next.
+ */
+(function () {
+  "use strict";
+  var A = window.Atlas, M = A.site, doc = document;
+  var NS = "http://www.w3.org/2000/svg";
+  var main = doc.querySelector("main.feature");
+  var tip = doc.getElementById("tip");
+
+  function panel(name) { return doc.querySelector('[data-panel="' + name + '"]'); }
+  function svg(tag, attrs) {
+    var e = doc.createElementNS(NS, tag);
+    for (var k in attrs) e.setAttribute(k, attrs[k]);
+    return e;
+  }
+  function svgTitle(parent, text) { var t = svg("title", {}); t.textContent = text; parent.appendChild(t); }
+
+  // ---------------------------------------------------------------- examples
+  function drawExamples(container, tok, q, centre, maxAct, first, count, centreIndex, centreClass) {
+    var W = M.window, frag = doc.createDocumentFragment();
+    for (var e = first; e < first + count; e++) {
+      var row = A.el("div", "ex");
+      row.appendChild(A.el("span", "exval", A.fmt(centre[e])));
+      var line = A.el("span", "line");
+      for (var p = 0; p < W; p++) {
+        var id = tok[e * W + p];
+        if (!id) continue;
+        var qa = q[e * W + p];
+        var isMax = p === centreIndex;
+        var span = A.el("span", isMax ? "tok " + centreClass : "tok", A.visible(A.tok(id)));
+        var value = isMax ? centre[e] : (qa * maxAct) / 255;
+        if (qa) span.style.backgroundColor = "rgba(255,112,0," + (0.08 + 0.82 * qa / 255).toFixed(3) + ")";
+        span.setAttribute("data-v", qa ? (isMax ? A.fmt(value, 4) : "\u2248" + A.fmt(value)) : "0");
+        span.setAttribute("data-t", id);
+        line.appendChild(span);
+      }
+      row.appendChild(line);
+      frag.appendChild(row);
+    }
+    container.appendChild(frag);
+  }
+
+  function drawTop(p) {
+    var body = panel("top");
+    if (!body) return;
+    body.textContent = "";
+    var tok = A.ids(p.tt), q = A.u8(p.ta), val = A.f32(p.tv), n = val.length;
+    if (!n) { body.appendChild(A.el("p", "empty", "No examples.")); return; }
+    var box = A.el("div", "examples");
+    drawExamples(box, tok, q, val, p.max, 0, n, M.window_before, "max");
+    body.appendChild(box);
+  }
+
+  function drawIntervals(p) {
+    var body = panel("intervals");
+    if (!body) return;
+    body.textContent = "";
+    var counts = A.u8(p.ig), tok = A.ids(p.it), q = A.u8(p.ia), val = A.f16(p.iv);
+    var starts = [], s = 0;
+    for (var g = 0; g < counts.length; g++) { starts.push(s); s += counts[g]; }
+    if (!s) { body.appendChild(A.el("p", "empty", "No interval samples.")); return; }
+    for (g = counts.length - 1; g >= 0; g--) {
+      if (!counts[g]) continue;
+      var lo = g * p.iw, hi = Math.min((g + 1) * p.iw, p.max);
+      var grp = A.el("div", "group");
+      var head = A.el("h3", null, "(" + A.fmt(lo) + ", " + A.fmt(hi) + "]");
+      head.appendChild(A.el("span", "sub", " " + Math.round(100 * lo / p.max) + "\u2013" + Math.round(100 * hi / p.max) + "% of max \u00b7 " + counts[g] + " sampled"));
+      grp.appendChild(head);
+      var box = A.el("div", "examples");
+      drawExamples(box, tok, q, val, p.max, starts[g], counts[g], M.window_before, "centre");
+      grp.appendChild(box);
+      body.appendChild(grp);
+    }
+  }
+
+  // ---------------------------------------------------------------- charts
+  function barChart(body, opts) {
+    // opts: bins [{count, title, cls}], ticks [{at (0..1), text}], label
+    var Wd = 600, H = 150, pl = 40, pb = 24, pt = 8, n = opts.bins.length;
+    var root = svg("svg", { viewBox: "0 0 " + Wd + " " + H, class: "hist", role: "img", "aria-label": opts.label });
+    var ymax = 1;
+    opts.bins.forEach(function (b) { if (b.count > ymax) ymax = b.count; });
+    var iw = Wd - pl - 8, ih = H - pb - pt, bw = iw / Math.max(n, 1);
+    root.appendChild(svg("line", { class: "axis", x1: pl, y1: H - pb, x2: Wd - 8, y2: H - pb }));
+    var yl = svg("text", { class: "ylab", x: pl - 6, y: pt + 8 }); yl.textContent = A.fmt(ymax, 3); root.appendChild(yl);
+    var y0 = svg("text", { class: "ylab", x: pl - 6, y: H - pb }); y0.textContent = "0"; root.appendChild(y0);
+    opts.bins.forEach(function (b, i) {
+      var h = ih * b.count / ymax;
+      var g = svg("g", { class: "bin" });
+      g.appendChild(svg("rect", { class: "hit", x: pl + i * bw, y: pt, width: Math.max(bw, 1), height: ih }));
+      g.appendChild(svg("rect", { class: "bar " + (b.cls || ""), x: (pl + i * bw + 0.5).toFixed(2), y: (pt + ih - h).toFixed(2), width: Math.max(bw - 1, 0.8).toFixed(2), height: h.toFixed(2) }));
+      svgTitle(g, b.title);
+      root.appendChild(g);
+    });
+    opts.ticks.forEach(function (t) {
+      var x = svg("text", { class: "xlab", x: (pl + t.at * iw).toFixed(1), y: H - pb + 16 });
+      x.textContent = t.text;
+      root.appendChild(x);
+    });
+    body.appendChild(root);
+  }
+
+  function drawHistogram(p) {
+    var body = panel("histogram");
+    if (!body) return;
+    body.textContent = "";
+    var first = p.h[0], counts = p.h[1];
+    if (!counts.length) { body.appendChild(A.el("p", "empty", "No activations.")); return; }
+    var hm = M.hist, step = (hm.log10_max - hm.log10_min) / hm.bins;
+    var lo = hm.log10_min + first * step, n = counts.length, span = n * step;
+    var bins = counts.map(function (c, i) {
+      var a = Math.pow(10, lo + i * step), b = Math.pow(10, lo + (i + 1) * step);
+      return { count: c, title: "[" + A.fmt(a) + ", " + A.fmt(b) + "): " + c.toLocaleString("en") + " tokens" };
+    });
+    var ticks = [];
+    for (var d = Math.ceil(lo); d <= lo + span + 1e-9; d++) ticks.push({ at: (d - lo) / span, text: A.fmt(Math.pow(10, d)) });
+    if (ticks.length < 2) {
+      ticks = [{ at: 0, text: A.fmt(Math.pow(10, lo)) }, { at: 1, text: A.fmt(Math.pow(10, lo + span)) }];
+    }
+    barChart(body, { bins: bins, ticks: ticks, label: "Histogram of activations (log-spaced bins)" });
+    body.appendChild(A.el("p", "note", "Activation values of the active tokens, log-spaced bins."));
+  }
+
+  function tokenTable(title, ids, vals, cls) {
+    var t = A.el("table", "logit " + cls);
+    var cap = A.el("caption", null, title);
+    t.appendChild(cap);
+    var tb = A.el("tbody");
+    for (var i = 0; i < ids.length; i++) {
+      var tr = A.el("tr");
+      var td = A.el("td");
+      td.appendChild(A.el("span", "chip", A.chip(A.tok(ids[i]))));
+      tr.appendChild(td);
+      tr.appendChild(A.el("td", "num", A.fmt(vals[i])));
+      tb.appendChild(tr);
+    }
+    t.appendChild(tb);
+    return t;
+  }
+
+  function drawLogits(p) {
+    var body = panel("logits");
+    if (!body) return;
+    body.textContent = "";
+    p.lg.forEach(function (l, s) {
+      var src = M.sources[s] || { model: "source " + s, site: "" };
+      var box = A.el("div", "logit-source");
+      if (p.lg.length > 1) box.appendChild(A.el("h3", null, src.model + " \u00b7 " + src.site));
+      var tables = A.el("div", "tables");
+      tables.appendChild(tokenTable("Promoted", A.ids(l.ti), A.f32(l.tv), "pos"));
+      tables.appendChild(tokenTable("Suppressed", A.ids(l.bi), A.f32(l.bv), "neg"));
+      box.appendChild(tables);
+      if (l.h && l.h.length) {
+        var n = l.h.length, w = (l.hi - l.lo) / n;
+        var bins = l.h.map(function (c, i) {
+          var a = l.lo + i * w, b = a + w;
+          return { count: c, cls: (a + b) / 2 < 0 ? "neg" : "pos", title: "[" + A.fmt(a) + ", " + A.fmt(b) + "): " + c + " tokens" };
+        });
+        barChart(box, { bins: bins, ticks: [{ at: 0, text: A.fmt(l.lo) }, { at: 1, text: A.fmt(l.hi) }], label: "Histogram of logit effects" });
+      }
+      body.appendChild(box);
+    });
+  }
+
+  function drawDecoder(p) {
+    var body = panel("decoder");
+    if (!body) return;
+    body.textContent = "";
+    var dn = p.dn, mx = Math.max.apply(null, dn.concat([1e-30]));
+    var list = A.el("div", "bars");
+    dn.forEach(function (v, s) {
+      var src = M.sources[s] || { model: "source " + s, site: "" };
+      var row = A.el("div", "barrow");
+      row.appendChild(A.el("span", "barname", (dn.length === 2 ? "AB"[s] + " \u00b7 " : "") + src.model + " \u00b7 " + src.site));
+      var track = A.el("span", "track");
+      var fill = A.el("span", "fill");
+      fill.style.width = (100 * v / mx).toFixed(1) + "%";
+      track.appendChild(fill);
+      row.appendChild(track);
+      row.appendChild(A.el("span", "num", A.fmt(v)));
+      list.appendChild(row);
+    });
+    body.appendChild(list);
+    if (p.rel !== null && p.rel !== undefined) {
+      var th = M.rel_thresholds;
+      var g = A.el("div", "gauge");
+      var scale = A.el("div", "scale");
+      var mark = A.el("span", "mark");
+      mark.style.left = (100 * p.rel).toFixed(1) + "%";
+      scale.appendChild(mark);
+      g.appendChild(scale);
+      var cls = p.rel < th[0] ? "model-A-only" : p.rel > th[1] ? "model-B-only" : "shared";
+      g.appendChild(A.el("p", "note", "Relative norm " + A.fmt(p.rel) + " (" + cls + "; A-only below " + th[0] + ", B-only above " + th[1] + ") \u00b7 decoder cosine " + A.fmt(p.cos)));
+      body.appendChild(g);
+    }
+  }
+
+  // ---------------------------------------------------------------- hover
+  function setupHover() {
+    function hide() { tip.hidden = true; }
+    main.addEventListener("mouseover", function (e) {
+      var t = e.target.closest ? e.target.closest(".tok") : null;
+      if (!t) return;
+      tip.textContent = "";
+      tip.appendChild(A.el("strong", null, t.getAttribute("data-v")));
+      var id = +t.getAttribute("data-t");
+      tip.appendChild(A.el("span", "tiptok", " " + A.chip(A.tok(id))));
+      var orig = A.tokId(id);
+      if (orig >= 0) tip.appendChild(A.el("span", "tipid", " id " + orig));
+      tip.hidden = false;
+      var r = t.getBoundingClientRect();
+      var x = Math.min(r.left, window.innerWidth - tip.offsetWidth - 8);
+      tip.style.left = Math.max(4, x) + "px";
+      tip.style.top = (r.bottom + 6) + "px";
+    });
+    main.addEventListener("mouseout", function (e) {
+      var t = e.target.closest ? e.target.closest(".tok") : null;
+      if (t && !(e.relatedTarget && t.contains(e.relatedTarget))) hide();
+    });
+    window.addEventListener("scroll", hide, { passive: true });
+  }
+
+  // ---------------------------------------------------------------- permalink, embed, keys
+  function canonicalUrl() {
+    var u = location.href.replace(/[?#].*$/, "");
+    if (/^https?:/.test(location.protocol)) u = u.replace(/index\.html$/, "");
+    return u;
+  }
+  function share(text, what) {
+    var box = doc.getElementById("share"), input = doc.getElementById("share-text"), status = doc.getElementById("share-status");
+    box.hidden = false;
+    input.value = text;
+    input.select();
+    function done(ok) { status.textContent = ok ? what + " copied" : "Press Ctrl+C to copy the " + what.toLowerCase(); }
+    if (navigator.clipboard && navigator.clipboard.writeText) {
+      navigator.clipboard.writeText(text).then(function () { done(true); }, function () {
+        var ok = false;
+        try { ok = doc.execCommand("copy"); } catch (err) { ok = false; }
+        done(ok);
+      });
+    } else {
+      var ok = false;
+      try { ok = doc.execCommand("copy"); } catch (err) { ok = false; }
+      done(ok);
+    }
+  }
+  function setupTools() {
+    var copy = doc.getElementById("copy-link"), embed = doc.getElementById("embed-code");
+    if (copy) copy.addEventListener("click", function () { share(canonicalUrl(), "Link"); });
+    if (embed) embed.addEventListener("click", function () {
+      var src = location.href.replace(/[?#].*$/, "") + "?embed";
+      share('<iframe src="' + src + '" title="Feature ' + doc.documentElement.getAttribute("data-feature") + '" width="100%" height="640" style="border:0" loading="lazy"></iframe>', "Embed code");
+    });
+    doc.addEventListener("keydown", function (e) {
+      if (A.typing(e) || e.ctrlKey || e.metaKey || e.altKey) return;
+      var go = null;
+      if (e.key === "j" || e.key === "ArrowRight") go = doc.getElementById("next");
+      if (e.key === "k" || e.key === "ArrowLeft") go = doc.getElementById("prev");
+      if (go) { e.preventDefault(); location.href = go.href + (/embed/.test(doc.documentElement.className) ? "?embed" : ""); }
+    });
+    if (/(^| )embed( |$)/.test(doc.documentElement.className)) {
+      doc.querySelectorAll("main a[href]").forEach(function (a) { a.target = "_blank"; a.rel = "noopener"; });
+    }
+  }
+
+  function fail(err) {
+    doc.querySelectorAll("[data-panel] .loading").forEach(function (e) {
+      e.textContent = "Could not load this feature's data: " + (err && err.message ? err.message : err);
+      e.className = "error";
+    });
+    if (window.console) console.error(err);
+  }
+
+  setupTools();
+  setupHover();
+  A.decodeBlock("atlas-feature").then(function (p) {
+    return A.vocab.ensure(p.vs).then(function () { return p; });
+  }).then(function (p) {
+    drawTop(p);
+    drawIntervals(p);
+    drawHistogram(p);
+    drawLogits(p);
+    drawDecoder(p);
+    doc.documentElement.setAttribute("data-ready", "1");
+  }).catch(fail);
+})();

@@ -1,0 +1,293 @@
+/* Crosscoder Atlas: the index page (index.html).
+ *
+ * Loads every data/index/<k>.js chunk (schema: atlas/render/index.py IndexChunk) into typed arrays and
+ * shows them in a virtualised table: only the rows in view exist in the DOM, so 100k rows scroll
+ * smoothly. Sorting (click a header), filters (density range, decoder class, alive/dead, bins from
+ * the model-diff page) and search results all work on an index array of the rows.
+ *
+ * State lives in the URL hash, e.g. #rel=0.40-0.45&cos=0.90-1.00&peak=3&dens=1e-5-1e-3&cls=shared
+ * &alive=alive&q=the&sort=-density (a bin "lo-hi" keeps lo <= x < hi, and x = hi for the last bin).
+ */
+(function () {
+  "use strict";
+  var A = window.Atlas, M = A.site, doc = document;
+  var ROW_H = 30, OVERSCAN = 12;
+  var table = doc.getElementById("table"), body = doc.getElementById("rows"), countEl = doc.getElementById("count");
+  var heads = Array.prototype.slice.call(doc.querySelectorAll("#table thead th[data-key]"));
+  var ctl = {
+    dmin: doc.getElementById("f-dmin"), dmax: doc.getElementById("f-dmax"), cls: doc.getElementById("f-cls"),
+    alive: doc.getElementById("f-alive"), bins: doc.getElementById("f-bins"), reset: doc.getElementById("f-reset"),
+  };
+  var N = M.n_features, th = M.rel_thresholds;
+  var col = null; // columns once loaded
+  var order = null; // Int32Array of row indices in view
+  var state = null;
+  var searchIds = null; // {ids: Int32Array ranked, q}
+
+  function emptyState() {
+    return { sort: "id", desc: false, dmin: null, dmax: null, cls: "", alive: "", rel: null, cos: null, peak: null, q: "" };
+  }
+
+  function parseRange(s) {
+    if (!s) return null;
+    var m = /^(-?[0-9.eE+-]+?)-(-?[0-9.eE+-]+)$/.exec(s);
+    if (!m) return null;
+    var lo = parseFloat(m[1]), hi = parseFloat(m[2]);
+    return isFinite(lo) && isFinite(hi) ? [lo, hi, m[1], m[2]] : null;
+  }
+  function readHash() {
+    var p = A.hashParams(), st = emptyState();
+    var sort = p.get("sort");
+    if (sort) { st.desc = sort.charAt(0) === "-"; st.sort = sort.replace(/^-/, ""); }
+    var dens = parseRange(p.get("dens"));
+    if (dens) { st.dmin = dens[0]; st.dmax = dens[1]; }
+    st.cls = p.get("cls") || "";
+    st.alive = p.get("alive") || "";
+    st.rel = parseRange(p.get("rel"));
+    st.cos = parseRange(p.get("cos"));
+    var peak = p.get("peak");
+    st.peak = peak !== null && peak !== "" && isFinite(+peak) ? +peak : null;
+    st.q = p.get("q") || new URLSearchParams(location.search).get("q") || "";
+    return st;
+  }
+  function writeHash() {
+    var p = new URLSearchParams();
+    if (state.q) p.set("q", state.q);
+    if (state.rel) p.set("rel", state.rel[2] + "-" + state.rel[3]);
+    if (state.cos) p.set("cos", state.cos[2] + "-" + state.cos[3]);
+    if (state.peak !== null) p.set("peak", String(state.peak));
+    if (state.dmin !== null || state.dmax !== null) p.set("dens", (state.dmin === null ? 0 : state.dmin) + "-" + (state.dmax === null ? 1 : state.dmax));
+    if (state.cls) p.set("cls", state.cls);
+    if (state.alive) p.set("alive", state.alive);
+    if (state.sort !== "id" || state.desc) p.set("sort", (state.desc ? "-" : "") + state.sort);
+    var h = p.toString();
+    var url = location.href.replace(/#.*$/, "") + (h ? "#" + h : "");
+    try { history.replaceState(null, "", url); } catch (e) { /* some file:// setups refuse */ }
+  }
+  function syncControls() {
+    ctl.dmin.value = state.dmin === null ? "" : String(state.dmin);
+    ctl.dmax.value = state.dmax === null ? "" : String(state.dmax);
+    if (ctl.cls) ctl.cls.value = state.cls;
+    ctl.alive.value = state.alive;
+    ctl.bins.textContent = "";
+    var parts = [];
+    if (state.rel) parts.push("rel. norm " + state.rel[2] + "\u2013" + state.rel[3]);
+    if (state.cos) parts.push("cosine " + state.cos[2] + "\u2013" + state.cos[3]);
+    if (state.peak !== null) parts.push("peak source " + state.peak);
+    if (parts.length) {
+      ctl.bins.appendChild(A.el("span", null, parts.join(", ")));
+      var x = A.el("button", "clear", "\u00d7");
+      x.type = "button";
+      x.title = "Clear the bin filter";
+      x.addEventListener("click", function () { state.rel = state.cos = null; state.peak = null; update(); });
+      ctl.bins.appendChild(x);
+    }
+    ctl.bins.hidden = !parts.length;
+    heads.forEach(function (h) {
+      var k = h.getAttribute("data-key");
+      if (k === state.sort) h.setAttribute("aria-sort", state.desc ? "descending" : "ascending");
+      else h.removeAttribute("aria-sort");
+    });
+  }
+
+  // ---------------------------------------------------------------- data
+  function load() {
+    var n = M.index.n_chunks, jobs = [];
+    for (var k = 0; k < n; k++) jobs.push(A.load("index/" + k));
+    return Promise.all(jobs).then(function (chunks) {
+      var c = {
+        id: new Int32Array(N), density: new Float32Array(N), max: new Float32Array(N), rel: new Float32Array(N),
+        cos: new Float32Array(N), peak: new Uint16Array(N), tokens: new Array(N), label: M.has_labels ? new Array(N) : null,
+      };
+      var r = 0;
+      chunks.forEach(function (ch) {
+        var d = A.f32(ch.d), m = A.f32(ch.m), rel = A.f32(ch.r), cos = A.f32(ch.c), pk = A.u16(ch.p), tt = A.u32(ch.tt);
+        for (var i = 0; i < ch.n; i++, r++) {
+          c.id[r] = ch.start + i;
+          c.density[r] = d[i]; c.max[r] = m[i]; c.rel[r] = rel[i]; c.cos[r] = cos[i]; c.peak[r] = pk[i];
+          var toks = [];
+          for (var j = 0; j < 3; j++) { var t = tt[i * 3 + j]; if (t) toks.push(ch.ts[t - 1]); }
+          c.tokens[r] = toks;
+          if (c.label) c.label[r] = ch.lb ? ch.lb[i] : "";
+        }
+      });
+      return c;
+    });
+  }
+
+  // ---------------------------------------------------------------- filter + sort
+  function inBin(x, b) { return x >= b[0] && (x < b[1] || (x === b[1] && (b[1] >= 1))); }
+  function compute() {
+    var keep = new Int32Array(N), n = 0;
+    var rows = null;
+    if (state.q && searchIds) {
+      rows = searchIds.ids;
+    }
+    var src = rows || null, total = src ? src.length : N;
+    for (var t = 0; t < total; t++) {
+      var i = src ? src[t] - M.first_id : t;
+      if (i < 0 || i >= N) continue;
+      var d = col.density[i];
+      if (state.dmin !== null && !(d >= state.dmin)) continue;
+      if (state.dmax !== null && !(d <= state.dmax)) continue;
+      if (state.alive === "alive" && !(d > 0)) continue;
+      if (state.alive === "dead" && d > 0) continue;
+      var r = col.rel[i];
+      if (state.cls) {
+        if (!(d > 0) || !isFinite(r)) continue;
+        if (state.cls === "a" && !(r < th[0])) continue;
+        if (state.cls === "b" && !(r > th[1])) continue;
+        if (state.cls === "shared" && (r < th[0] || r > th[1])) continue;
+      }
+      if (state.rel && !(d > 0 && inBin(r, state.rel))) continue;
+      if (state.cos && !(d > 0 && inBin(col.cos[i], state.cos))) continue;
+      if (state.peak !== null && !(d > 0 && col.peak[i] === state.peak)) continue;
+      keep[n++] = i;
+    }
+    order = keep.slice(0, n);
+    var key = state.sort, dir = state.desc ? -1 : 1;
+    if (rows && key === "id" && !state.desc) return; // search results keep their rank
+    var arr = Array.prototype.slice.call(order);
+    var v = key === "label" ? col.label : key === "tokens" ? null : col[key];
+    if (!v) return;
+    if (key === "label") {
+      arr.sort(function (a, b) {
+        var x = v[a] || "", y = v[b] || "";
+        if (!x !== !y) return x ? -1 : 1; // empty labels last
+        return (x < y ? -1 : x > y ? 1 : 0) * dir || a - b;
+      });
+    } else {
+      arr.sort(function (a, b) {
+        var x = v[a], y = v[b], nx = x !== x, ny = y !== y;
+        if (nx || ny) return nx === ny ? a - b : nx ? 1 : -1; // NaN last
+        return (x - y) * dir || a - b;
+      });
+    }
+    order = Int32Array.from(arr);
+  }
+
+  // ---------------------------------------------------------------- virtual table
+  var drawn = [-1, -1], pending = false;
+  function cell(tr, cls, text) { var td = A.el("td", cls, text); tr.appendChild(td); return td; }
+  function rowEl(i) {
+    var tr = A.el("tr");
+    var id = col.id[i];
+    var td = A.el("td", "num");
+    var a = A.el("a", null, id);
+    a.href = A.featureHref(id);
+    td.appendChild(a);
+    tr.appendChild(td);
+    if (col.label) cell(tr, "label", col.label[i]);
+    cell(tr, "num", A.pct(col.density[i]));
+    cell(tr, "num", A.fmt(col.max[i]));
+    var tk = A.el("td", "toks");
+    col.tokens[i].forEach(function (s) { tk.appendChild(A.el("span", "chip", s)); });
+    tr.appendChild(tk);
+    if (M.sources.length === 2) {
+      var r = col.rel[i];
+      var rc = cell(tr, "num rel", A.fmt(r, 2));
+      if (isFinite(r)) rc.className += r < th[0] ? " a" : r > th[1] ? " b" : " shared";
+      cell(tr, "num", A.fmt(col.cos[i], 2));
+    }
+    if (M.sources.length > 2) cell(tr, "num", col.density[i] > 0 ? String(col.peak[i]) : "\u2013");
+    if (!(col.density[i] > 0)) tr.className = "dead";
+    return tr;
+  }
+  function spacer(h) {
+    var tr = A.el("tr", "spacer");
+    var td = A.el("td");
+    td.colSpan = heads.length;
+    tr.appendChild(td);
+    tr.style.height = h + "px";
+    return tr;
+  }
+  function draw(force) {
+    pending = false;
+    if (!order) return;
+    var n = order.length;
+    var headH = table.querySelector("thead").offsetHeight || ROW_H;
+    var top = Math.max(0, table.scrollTop - headH);
+    var first = Math.max(0, Math.floor(top / ROW_H) - OVERSCAN);
+    var last = Math.min(n, Math.ceil((top + table.clientHeight) / ROW_H) + OVERSCAN);
+    if (!force && first === drawn[0] && last === drawn[1]) return;
+    drawn = [first, last];
+    var frag = doc.createDocumentFragment();
+    frag.appendChild(spacer(first * ROW_H));
+    for (var r = first; r < last; r++) frag.appendChild(rowEl(order[r]));
+    frag.appendChild(spacer((n - last) * ROW_H));
+    body.textContent = "";
+    body.appendChild(frag);
+  }
+  function schedule() { if (!pending) { pending = true; requestAnimationFrame(function () { draw(false); }); } }
+
+  function update(keepScroll) {
+    syncControls();
+    writeHash();
+    if (!col) return;
+    compute();
+    countEl.textContent = order.length.toLocaleString("en") + " of " + N.toLocaleString("en") + " features" + (state.q ? " matching \u201c" + state.q + "\u201d" : "");
+    if (!keepScroll) table.scrollTop = 0;
+    draw(true);
+  }
+
+  // ---------------------------------------------------------------- events
+  function num(input) {
+    var s = input.value.trim();
+    if (!s) return null;
+    var x = parseFloat(s.replace(/%$/, ""));
+    if (!isFinite(x)) return null;
+    return /%$/.test(s) ? x / 100 : x;
+  }
+  ctl.dmin.addEventListener("change", function () { state.dmin = num(ctl.dmin); update(); });
+  ctl.dmax.addEventListener("change", function () { state.dmax = num(ctl.dmax); update(); });
+  if (ctl.cls) ctl.cls.addEventListener("change", function () { state.cls = ctl.cls.value; update(); });
+  ctl.alive.addEventListener("change", function () { state.alive = ctl.alive.value; update(); });
+  ctl.reset.addEventListener("click", function () {
+    state = emptyState();
+    searchIds = null;
+    var q = doc.getElementById("q");
+    if (q) q.value = "";
+    update();
+  });
+  doc.getElementById("filters").addEventListener("submit", function (e) { e.preventDefault(); });
+  heads.forEach(function (h) {
+    var b = h.querySelector("button");
+    if (!b) return;
+    b.addEventListener("click", function () {
+      var k = h.getAttribute("data-key");
+      if (state.sort === k) state.desc = !state.desc;
+      else { state.sort = k; state.desc = k !== "id" && k !== "label"; }
+      update();
+    });
+  });
+  table.addEventListener("scroll", schedule, { passive: true });
+  window.addEventListener("resize", schedule);
+  window.addEventListener("hashchange", function () {
+    var before = state.q;
+    state = readHash();
+    if (state.q !== before) startSearch();
+    update();
+  });
+
+  A.onSearch = function (q, results) {
+    state.q = q;
+    searchIds = q ? { q: q, ids: Int32Array.from(results.map(function (r) { return r.id; })) } : null;
+    update();
+  };
+  function startSearch() {
+    if (!state.q) { searchIds = null; return; }
+    if (A.runSearch) A.runSearch(state.q);
+  }
+
+  state = readHash();
+  syncControls();
+  load().then(function (c) {
+    col = c;
+    if (state.q) startSearch();
+    update(true);
+    doc.documentElement.setAttribute("data-ready", "1");
+  }, function (err) {
+    countEl.textContent = "Could not load the feature table: " + (err && err.message ? err.message : err);
+    if (window.console) console.error(err);
+  });
+})();

@@ -1,0 +1,284 @@
+"""Deterministic synthetic analysis caches (numpy only) for the render stage's tests and benchmarks.
+
+:func:`make_synthetic_cache` builds an :class:`atlas.cache.Cache` with the shapes and value ranges the
+analysis writes, for any number of features and sources, without torch or a model:
+
+- a vocabulary of ``vocab_size`` display strings: pseudo-words with and without a leading space,
+  punctuation, newline/tab/whitespace tokens, non-ASCII and emoji tokens, control characters, and (with
+  ``hostile_text=True``) HTML/JS payloads such as ``<script>`` and ``<img onerror>``;
+- a corpus ``tokens[N, T]`` drawn from a Zipf distribution (frequent tokens have low ids, as in BPE
+  vocabularies), sequences starting with a BOS token (id 0);
+- per-feature statistics: log-uniform densities with some dead features (density 0, no examples),
+  log-normal max activations, log-binned histograms consistent with ``n_active``;
+- top examples (at most one per sequence, highest first, ``-1`` slots when a feature has fewer) and
+  ``2 * n_intervals`` interval slots (only those below the feature's max filled, the top ones sparsely)
+  with sparse activation windows whose centre is the example's activation;
+- decoder norms: for S = 2 a trimodal relative norm (model-A-only, shared, model-B-only) and cosines
+  near 1 for shared features; for S > 2 a peak layer per feature;
+- nearest neighbours by (synthetic) decoder cosine and logit effects per source.
+
+The same arguments always give the same arrays (one ``numpy.random.Generator`` seeded from ``seed``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from atlas.cache import Cache, Examples, FeatureStats, LogitEffects, Manifest, Settings, SourceInfo, write_cache
+
+HOSTILE_TOKENS = (
+    "<script>window.__atlas_xss=1</script>",
+    '<img src=x onerror="window.__atlas_xss=2">',
+    "\"'><svg onload=window.__atlas_xss=3>",
+    "&amp;&lt;b&gt;",
+)
+
+_SPECIAL_TOKENS = ("<|endoftext|>", "\n", "\n\n", "\t", " ", "  ", "\r\n", "\x00", "\u200b", " 🙂", "é", " naïve",
+                   " 東京", " Ω", "\ufffd")
+_SYLLABLES = ("ka", "ri", "to", "an", "el", "mo", "su", "ne", "the", "ing", "er", "ou", "st", "pl", "qu", "ax",
+              "or", "is", "at", "en", "un", "re", "co", "li", "ve", "da", "mi", "on", "ex", "ze")
+_PUNCT = (".", ",", ";", ":", "!", "?", "(", ")", "-", "'", '"', "/", "[", "]", "{", "}", "=", "+", "*", "%",
+          "$", "#", "@", "&", "<", ">")
+
+N_LOGIT_BINS = 32
+
+
+def make_vocab(vocab_size: int, rng: np.random.Generator, hostile_text: bool = False) -> list[str]:
+    """``vocab_size`` token display strings; id 0 is the BOS token ``<|endoftext|>``."""
+    vocab: list[str] = list(_SPECIAL_TOKENS)
+    vocab.extend(_PUNCT)
+    seen = set(vocab)
+    n_syl = len(_SYLLABLES)
+    while len(vocab) < vocab_size:
+        n = int(rng.integers(1, 4))
+        word = "".join(_SYLLABLES[int(i)] for i in rng.integers(0, n_syl, n))
+        r = rng.random()
+        if r < 0.55:
+            word = " " + word
+        elif r < 0.65:
+            word = " " + word.capitalize()
+        elif r < 0.7:
+            word = word.upper()
+        if word in seen:
+            word = f"{word}{len(vocab)}"
+        seen.add(word)
+        vocab.append(word)
+    vocab = vocab[:vocab_size]
+    # spread the special and punctuation tokens over the ids (id 0 stays the BOS token)
+    rest = vocab[1:]
+    perm = rng.permutation(len(rest))
+    vocab = vocab[:1] + [rest[i] for i in perm]
+    if hostile_text:  # rare ids at the end of the vocabulary
+        vocab[-len(HOSTILE_TOKENS):] = HOSTILE_TOKENS
+    return vocab
+
+
+def hostile_ids(vocab_size: int) -> list[int]:
+    """Token ids of :data:`HOSTILE_TOKENS` in a vocabulary made with ``hostile_text=True``."""
+    return list(range(vocab_size - len(HOSTILE_TOKENS), vocab_size))
+
+
+def _zipf_ids(rng: np.random.Generator, n: int, vocab_size: int) -> np.ndarray:
+    """``n`` token ids with a Zipf(1.1)-like rank distribution over ids 1..vocab_size-1."""
+    ranks = np.arange(1, vocab_size, dtype=np.float64)
+    p = ranks ** -1.1
+    p /= p.sum()
+    return (rng.choice(vocab_size - 1, size=n, p=p) + 1).astype(np.int32)
+
+
+def _sparse_windows(rng, centre: np.ndarray, max_act: np.ndarray, wb: int, wa: int) -> np.ndarray:
+    """Activation windows ``[..., W]`` (float16): ``centre`` at position ``wb``, a few smaller values around."""
+    shape = centre.shape
+    w = wb + 1 + wa
+    out = np.zeros(shape + (w,), dtype=np.float32)
+    live = centre > 0
+    # about 3 other active positions per window, below the centre value
+    others = rng.random(shape + (w,)) < (3.0 / w)
+    vals = rng.random(shape + (w,)) * centre[..., None] * 0.9
+    out[others & live[..., None]] = vals[others & live[..., None]]
+    out[..., wb] = centre
+    del max_act
+    return out.astype(np.float16)
+
+
+def make_synthetic_cache(
+    n_features: int = 40,
+    *,
+    n_sources: int = 2,
+    vocab_size: int = 500,
+    n_sequences: int = 64,
+    seq_len: int = 64,
+    settings: Settings | None = None,
+    seed: int = 0,
+    feature_offset: int = 0,
+    hostile_text: bool = False,
+    title: str = "Synthetic crosscoder",
+    dead_fraction: float = 0.05,
+) -> Cache:
+    """Build a complete synthetic :class:`~atlas.cache.Cache` (see the module docstring).
+
+    Feature 0 (if ``n_features`` > 1) is always alive with a full set of top examples and, with
+    ``hostile_text``, its top example contains the HTML/JS payload tokens (nowhere else in the corpus); feature 1 (if
+    ``n_features`` > 2 and ``dead_fraction`` > 0) is always dead.
+    """
+    rng = np.random.default_rng(seed)
+    st = settings or Settings(seq_len=seq_len, n_sequences=n_sequences)
+    st.seq_len, st.n_sequences = seq_len, n_sequences
+    F, S, K, W = n_features, n_sources, st.top_k, st.window
+    G, k = 2 * st.n_intervals, st.interval_k
+    wb, wa = st.window_before, st.window_after
+
+    vocab = make_vocab(vocab_size, rng, hostile_text)
+    n_plain = vocab_size - (len(HOSTILE_TOKENS) if hostile_text else 0)
+    tokens = _zipf_ids(rng, n_sequences * seq_len, n_plain).reshape(n_sequences, seq_len)
+    tokens[:, 0] = 0  # BOS
+    n_tokens = n_sequences * (seq_len - 1)
+
+    # --- scalars
+    density = 10 ** rng.uniform(-4.5, -0.7, F)
+    dead = rng.random(F) < dead_fraction
+    if F > 1:
+        dead[0] = False
+        density[0] = max(density[0], 0.02)
+    if F > 2 and dead_fraction > 0:
+        dead[1] = True
+    density[dead] = 0.0
+    n_active = np.round(density * n_tokens).astype(np.int64)
+    n_active[~dead] = np.maximum(n_active[~dead], 1)
+    density = n_active / n_tokens
+    max_act = np.where(dead, 0.0, rng.lognormal(1.0, 0.6, F)).astype(np.float32)
+    mean_act = np.where(dead, 0.0, max_act * rng.uniform(0.15, 0.45, F)).astype(np.float32)
+
+    # --- activation histogram consistent with n_active (log-normal around the mean)
+    edges = st.hist_edges()
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    B = st.hist_bins
+    hist = np.zeros((F, B), dtype=np.int64)
+    for f in np.flatnonzero(~dead):
+        logc = np.log(centres)
+        w = np.exp(-0.5 * ((logc - np.log(mean_act[f])) / 0.8) ** 2)
+        w[centres > max_act[f]] = 0
+        if w.sum() == 0:
+            w[np.searchsorted(edges, max_act[f]) - 1] = 1
+        hist[f] = rng.multinomial(int(n_active[f]), w / w.sum())
+
+    # --- top examples
+    n_top = np.where(dead, 0, np.minimum(min(K, n_sequences), np.maximum(n_active, 1))).astype(np.int64)
+    top_seq = np.full((F, K), -1, np.int32)
+    top_pos = np.full((F, K), -1, np.int32)
+    top_act = np.zeros((F, K), np.float32)
+    seq_choice = np.zeros((F, K), np.int32)
+    seq_choice[:, :min(K, n_sequences)] = np.argsort(rng.random((F, n_sequences)), axis=1)[:, :K]
+    pos_choice = rng.integers(1, seq_len, (F, K)).astype(np.int32)
+    decay = np.sort(rng.uniform(0.3, 1.0, (F, K)), axis=1)[:, ::-1]
+    decay[:, 0] = 1.0
+    slot = np.arange(K)[None, :] < n_top[:, None]
+    top_seq[slot] = seq_choice[slot]
+    top_pos[slot] = pos_choice[slot]
+    top_act[slot] = (decay * max_act[:, None])[slot]
+    top_window = _sparse_windows(rng, top_act, max_act, wb, wa)
+
+    # --- interval samples: 2 * n_intervals slots; width from a running max estimate
+    iv_width = np.where(dead, 0.0, max_act / st.n_intervals * rng.uniform(0.55, 1.0, F)).astype(np.float32)
+    g = np.arange(G)
+    lo = g[None, :] * iv_width[:, None]
+    in_range = (lo < max_act[:, None]) & ~dead[:, None]
+    # fewer samples in the upper intervals
+    counts = np.minimum(k, rng.poisson(k * 3.0 * 0.75 ** g[None, :], (F, G)))
+    counts = np.where(in_range, np.maximum(counts, (g[None, :] == 0).astype(int)), 0)
+    counts = np.minimum(counts, np.maximum(n_active[:, None] - (np.cumsum(counts, axis=1) - counts), 0))
+    iv_slot = np.arange(k)[None, None, :] < counts[:, :, None]
+    iv_seq = np.where(iv_slot, rng.integers(0, n_sequences, (F, G, k)), -1).astype(np.int32)
+    iv_pos = np.where(iv_slot, rng.integers(1, seq_len, (F, G, k)), -1).astype(np.int32)
+    hi = np.minimum(lo + iv_width[:, None], max_act[:, None])
+    frac = rng.uniform(0.02, 1.0, (F, G, k))
+    iv_act = np.where(iv_slot, lo[:, :, None] + frac * (hi - lo)[:, :, None], 0).astype(np.float32)
+    iv_window = _sparse_windows(rng, iv_act, max_act, wb, wa)
+
+    if hostile_text and F > 0 and n_top[0] > 0:
+        s, p = int(top_seq[0, 0]), int(top_pos[0, 0])
+        for j, tid in enumerate(hostile_ids(vocab_size)):
+            q = p - 1 - j
+            if q >= 1:
+                tokens[s, q] = tid
+
+    # --- decoder geometry
+    if S == 2:
+        kind = rng.choice(3, F, p=[0.15, 0.7, 0.15])
+        rel = np.where(kind == 0, rng.uniform(0.0, 0.2, F),
+                       np.where(kind == 2, rng.uniform(0.8, 1.0, F), rng.normal(0.5, 0.08, F)))
+        rel = np.clip(rel, 0.0, 1.0)
+        total = rng.uniform(0.5, 1.5, F)
+        dec_norm = np.stack([total * (1 - rel), total * rel], axis=1).astype(np.float32)
+        cos = np.where(kind == 1, 1 - rng.exponential(0.08, F), rng.uniform(-0.3, 0.6, F))
+        dec_cos = np.clip(cos, -1, 1).astype(np.float32)
+        rel_norm = (dec_norm[:, 1] / (dec_norm[:, 0] + dec_norm[:, 1])).astype(np.float32)
+    else:
+        peak = rng.integers(0, S, F)
+        d = np.abs(np.arange(S)[None, :] - peak[:, None])
+        dec_norm = (rng.uniform(0.5, 1.5, F)[:, None] * np.exp(-d / 1.5)).astype(np.float32)
+        rel_norm = np.full(F, np.nan, np.float32)
+        dec_cos = np.full(F, np.nan, np.float32)
+
+    n_nb = min(st.n_neighbours, max(F - 1, 0))
+    neighbours = np.zeros((F, n_nb), np.int32)
+    if n_nb:
+        step = max(1, (F - 1) // n_nb)
+        offs = 1 + (rng.integers(0, F - 1, (F, 1)) + np.arange(n_nb)[None, :] * step) % (F - 1)
+        neighbours = ((np.arange(F)[:, None] + offs) % F + feature_offset).astype(np.int32)
+    neighbour_cos = np.sort(rng.uniform(0.05, 0.95, (F, n_nb)), axis=1)[:, ::-1].astype(np.float32)
+
+    # --- logit effects
+    L = st.logit_k
+    top_ids = rng.integers(0, vocab_size, (F, S, L)).astype(np.int32)
+    bot_ids = rng.integers(0, vocab_size, (F, S, L)).astype(np.int32)
+    top_vals = np.sort(rng.uniform(0.05, 1.0, (F, S, L)), axis=2)[:, :, ::-1].astype(np.float32)
+    bot_vals = np.sort(rng.uniform(-1.0, -0.05, (F, S, L)), axis=2).astype(np.float32)
+    hist_lo = bot_vals[:, :, 0].copy()
+    hist_hi = top_vals[:, :, 0].copy()
+    x = np.linspace(-3, 3, N_LOGIT_BINS)
+    bell = np.exp(-0.5 * x**2)
+    scale = rng.uniform(0.5, 1.0, (F, S, 1)) * vocab_size / bell.sum()
+    lg_hist = np.maximum(np.round(bell[None, None, :] * scale), 0).astype(np.int64)
+
+    sources = [SourceInfo(model=f"synthetic/model-{'AB'[s] if S == 2 else s}", site=(
+        "blocks.6.hook_resid_post" if S <= 2 else f"blocks.{s}.hook_resid_post"), d_model=64) for s in range(S)]
+    manifest = Manifest(
+        sources=sources,
+        n_features=F,
+        n_tokens=int(n_tokens),
+        n_sequences=n_sequences,
+        settings=st,
+        checkpoint={"path": "synthetic.pt", "format": "synthetic", "activation": "relu"},
+        dataset="synthetic corpus",
+        title=title,
+        feature_offset=feature_offset,
+        complete=True,
+        created="2026-01-01T00:00:00Z",
+    )
+    return Cache(
+        manifest=manifest,
+        vocab=vocab,
+        tokens=tokens,
+        features=FeatureStats(
+            density=density.astype(np.float32), max_act=max_act, mean_act=mean_act, n_active=n_active,
+            hist_counts=hist, dec_norm=dec_norm, rel_norm=rel_norm, dec_cos=dec_cos,
+            neighbours=neighbours, neighbour_cos=neighbour_cos,
+        ),
+        examples=Examples(
+            top_seq=top_seq, top_pos=top_pos, top_act=top_act, top_window=top_window,
+            iv_seq=iv_seq, iv_pos=iv_pos, iv_act=iv_act, iv_window=iv_window, iv_width=iv_width,
+        ),
+        logits=LogitEffects(
+            top_ids=top_ids, top_vals=top_vals, bot_ids=bot_ids, bot_vals=bot_vals,
+            hist_counts=lg_hist, hist_lo=hist_lo, hist_hi=hist_hi,
+        ),
+    )
+
+
+def write_synthetic_cache(folder: Path, **kwargs) -> Path:
+    """Build a synthetic cache (arguments of :func:`make_synthetic_cache`) and write it to ``folder``."""
+    write_cache(Path(folder), make_synthetic_cache(**kwargs))
+    return Path(folder)

@@ -1,0 +1,324 @@
+"""The rendered site in headless Chromium (Python Playwright), over HTTP at the root, under a sub-path,
+and from file://. Every page must load with a clean console: no errors, no failed requests.
+
+Uses Debian's /usr/bin/chromium; skipped when it (or Playwright) is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from atlas.cache import read_cache
+from atlas.render import render_site
+from atlas.render.chunks import read_chunk_script
+from atlas.render.pages import fmt_num
+from atlas.render.text import visible
+from synthetic_cache import HOSTILE_TOKENS, write_synthetic_cache
+
+pytestmark = pytest.mark.browser
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+N_FEATURES = 40
+LABELS = {
+    "7": {"label": "Negation in legal text", "explanation": "Fires on 'not' <script>window.__atlas_xss=9</script>"},
+    "9": "<img src=x onerror=\"window.__atlas_xss=8\"> quoted",
+    "12": "numbers and negation",
+}
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def _serve(folder: Path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_QuietHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    cache_dir = write_synthetic_cache(root / "cache", n_features=N_FEATURES, n_sources=2, vocab_size=400,
+                                      n_sequences=48, seq_len=64, hostile_text=True, seed=1)
+    labels = root / "labels.json"
+    labels.write_text(json.dumps(LABELS), "utf-8")
+    site = root / "www" / "sub" / "site"
+    render_site(cache_dir, site, labels=labels)
+    at_root, at_parent = _serve(site), _serve(root / "www")
+    bases = {
+        "root": f"http://127.0.0.1:{at_root.server_address[1]}/",
+        "sub": f"http://127.0.0.1:{at_parent.server_address[1]}/sub/site/",
+        "file": site.as_uri() + "/",
+    }
+    yield {"cache": read_cache(cache_dir), "site": site, "bases": bases, "root": root}
+    at_root.shutdown()
+    at_parent.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed at /usr/bin/chromium")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page that records console errors, page errors, failed requests and HTTP errors."""
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    pg = context.new_page()
+    problems: list[str] = []
+    requests: list[str] = []
+    pg.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
+    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    pg.on("requestfailed", lambda r: problems.append(f"failed request: {r.url} {r.failure}"))
+    pg.on("response", lambda r: problems.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
+    pg.on("request", lambda r: requests.append(r.url))
+    pg.problems = problems
+    pg.requests = requests
+    yield pg
+    context.close()
+    assert problems == [], problems
+
+
+def _ready(pg, url):
+    pg.goto(url)
+    pg.wait_for_selector("html[data-ready]", timeout=10_000)
+
+
+def _row_ids(pg) -> list[int]:
+    return [int(x) for x in pg.locator("#rows tr:not(.spacer) td:first-child a").all_inner_texts()]
+
+
+def _all_row_ids(pg) -> list[int]:
+    """Scroll the virtual table from top to bottom, collecting every row id."""
+    seen: list[int] = []
+    pg.evaluate("document.getElementById('table').scrollTop = 0")
+    for _ in range(200):
+        pg.wait_for_timeout(50)
+        for i in _row_ids(pg):
+            if i not in seen:
+                seen.append(i)
+        at_end = pg.evaluate("(() => { const t = document.getElementById('table');"
+                             " const end = t.scrollTop + t.clientHeight >= t.scrollHeight - 1;"
+                             " t.scrollTop += t.clientHeight * 0.8; return end; })()")
+        if at_end:
+            break
+    return seen
+
+
+# --------------------------------------------------------------------------- feature page
+
+
+@pytest.mark.parametrize("where", ["root", "sub", "file"])
+def test_feature_page(world, page, where):
+    cache = world["cache"]
+    _ready(page, world["bases"][where] + "f/0/index.html")
+    ex = cache.examples
+    st = cache.manifest.settings
+    seq, pos = int(ex.top_seq[0, 0]), int(ex.top_pos[0, 0])
+    max_token = visible(cache.vocab[int(cache.tokens[seq, pos])])
+    first = page.locator("[data-panel=top] .ex").first
+    tok = first.locator(".tok.max")
+    assert tok.count() == 1
+    assert tok.inner_text() == max_token
+    n_top = int((ex.top_seq[0] >= 0).sum())
+    assert page.locator("[data-panel=top] .ex").count() == n_top
+    # the whole window is shown, in order
+    window = [cache.tokens[seq, q] for q in range(pos - st.window_before, pos + st.window_after + 1)
+              if 0 <= q < cache.tokens.shape[1]]
+    assert first.locator(".tok").all_inner_texts() == [visible(cache.vocab[int(t)]) for t in window]
+    # hover shows the value
+    tok.hover()
+    tip = page.locator("#tip")
+    tip.wait_for(state="visible")
+    assert fmt_num(float(ex.top_act[0, 0]), 4) in tip.inner_text()
+    # highlighting: background intensity grows with activation
+    bg = first.locator(".tok.max").evaluate("e => getComputedStyle(e).backgroundColor")
+    assert re.match(r"rgba\(255, 112, 0, 0\.9", bg), bg
+    # the other panels
+    n_groups = int(((ex.iv_seq[0] >= 0).sum(axis=1) > 0).sum())
+    assert page.locator("[data-panel=intervals] .group").count() == n_groups
+    assert page.locator("[data-panel=histogram] svg .bar").count() >= 1
+    assert page.locator("[data-panel=logits] table.logit").count() == 4
+    assert page.locator("[data-panel=decoder] .barrow").count() == 2
+    # dataset text and labels with HTML/JS payloads are text and run nothing
+    assert page.evaluate("window.__atlas_xss") is None
+    text = page.locator("[data-panel=top]").inner_text()
+    for payload in HOSTILE_TOKENS:
+        assert payload in text
+    assert page.locator("main img, main svg[onload], .examples script").count() == 0
+
+
+def test_hostile_label_is_text(world, page):
+    _ready(page, world["bases"]["root"] + "f/9/index.html")
+    assert page.locator("h1 .label").inner_text() == LABELS["9"]
+    _ready(page, world["bases"]["root"] + "f/7/index.html")
+    assert "<script>window.__atlas_xss=9</script>" in page.locator(".explanation").inner_text()
+    assert page.evaluate("window.__atlas_xss") is None
+
+
+# --------------------------------------------------------------------------- index
+
+
+@pytest.mark.parametrize("where", ["root", "file"])
+def test_index_lists_sorts_and_filters(world, page, where):
+    cache = world["cache"]
+    fs = cache.features
+    _ready(page, world["bases"][where] + "index.html")
+    assert page.locator("#count").inner_text().startswith(f"{N_FEATURES} of {N_FEATURES} features")
+    assert len(_row_ids(page)) < N_FEATURES  # virtualised: only the rows in view exist
+    assert sorted(_all_row_ids(page)) == list(range(N_FEATURES))
+
+    page.click("th[data-key=density] button")  # descending first
+    page.evaluate("document.getElementById('table').scrollTop = 0")
+    page.wait_for_timeout(50)
+    assert _row_ids(page)[0] == int(np.argmax(fs.density))
+    page.click("th[data-key=density] button")  # ascending: dead features first, by id
+    page.wait_for_timeout(50)
+    assert _row_ids(page)[0] == int(np.flatnonzero(fs.density == fs.density.min())[0])
+    assert "sort=density" in page.url
+
+    page.select_option("#f-alive", "dead")
+    assert sorted(_all_row_ids(page)) == np.flatnonzero(fs.density == 0).tolist()
+    page.click("#f-reset")
+    page.select_option("#f-cls", "b")
+    want_b = np.flatnonzero((fs.density > 0) & (fs.rel_norm > 0.7)).tolist()
+    assert sorted(_all_row_ids(page)) == want_b
+    assert page.locator("#count").inner_text().startswith(f"{len(want_b)} of")
+    page.click("#f-reset")
+    page.fill("#f-dmin", "0.01")
+    page.press("#f-dmin", "Enter")
+    page.locator("#f-dmin").dispatch_event("change")
+    want = np.flatnonzero(fs.density >= np.float32(0.01)).tolist()
+    assert sorted(_all_row_ids(page)) == want
+    assert "dens=" in page.url
+
+
+def test_search(world, page):
+    cache, site = world["cache"], world["site"]
+    base = world["bases"]["sub"]
+    _ready(page, base + "index.html")
+    page.keyboard.press("/")
+    assert page.evaluate("document.activeElement.id") == "q"
+    results = page.locator("#search-results a.result")
+
+    def search(q: str) -> list[int]:
+        page.fill("#q", q)
+        page.wait_for_function("q => document.getElementById('search-results').getAttribute('data-q') === q", arg=q)
+        return [int(x) for x in results.locator(".rid").all_inner_texts()]
+
+    # by label word (prefix), intersecting words
+    before = len([u for u in page.requests if "/data/search/" in u])
+    page.keyboard.type("negat")
+    page.wait_for_function("document.querySelectorAll('#search-results a.result').length === 2")
+    assert sorted(int(x) for x in results.locator(".rid").all_inner_texts()) == [7, 12]
+    assert sorted(_row_ids(page)) == [7, 12]  # the table shows the matches
+    label_loads = [u for u in page.requests if "/data/search/" in u][before:]
+    assert len(label_loads) <= 2 and all(re.search(r"/data/search/[lt]\d+\.js$", u) for u in label_loads)
+    assert search("legal negation") == [7]
+
+    # by token: the features whose top examples peak on it
+    meta = json.loads((site / "data" / "meta.js").read_text("ascii")[len("Atlas.meta("):-3])
+    entries = []
+    for k in range(meta["search"]["token_shards"]):
+        entries += read_chunk_script((site / "data" / "search" / f"t{k}.js").read_bytes())[1]["e"]
+    key, _strings, ids, _counts = max(entries, key=lambda e: (len(e[2]), e[0]))
+    best = int(np.frombuffer(ids, "<u4")[0])
+    assert best in search(key)
+    assert search("no-such-thing-zz") == []
+    assert "No feature matches" in page.locator("#search-results").inner_text()
+
+    # by id: Enter opens the page
+    assert search("23")[0] == 23
+    page.press("#q", "Enter")
+    page.wait_for_url(re.compile(r"/sub/site/f/23/index\.html$"))
+    page.wait_for_selector("html[data-ready]")
+    del cache
+
+
+# --------------------------------------------------------------------------- overview, embed, keys
+
+
+def test_overview_bins_link_to_features(world, page):
+    cache = world["cache"]
+    fs = cache.features
+    _ready_plain = world["bases"]["root"] + "diff/index.html"
+    page.goto(_ready_plain)
+    bins = page.locator("svg.hist").first.locator("a.bin")
+    counts = [int(x) for x in bins.evaluate_all("els => els.map(e => e.getAttribute('data-count'))")]
+    assert sum(counts) == int((fs.density > 0).sum())
+    i = int(np.argmax(counts))
+    bins.nth(i).locator("rect.hit").click()
+    page.wait_for_selector("html[data-ready]")
+    assert "#rel=" in page.url
+    assert page.locator("#count").inner_text().startswith(f"{counts[i]} of")
+    lo, hi = (float(x) for x in re.search(r"rel=([0-9.]+)-([0-9.]+)", page.url).groups())
+    ids = _all_row_ids(page)
+    assert len(ids) == counts[i]
+    assert all(lo <= fs.rel_norm[j] < hi or fs.rel_norm[j] == hi == 1.0 for j in ids)
+    page.locator(f"#rows a:text-is('{ids[0]}')").click()
+    page.wait_for_selector("html[data-ready]")
+    assert page.url.endswith(f"/f/{ids[0]}/index.html")
+
+
+def test_embed_permalink_and_keys(world, page):
+    base = world["bases"]["root"]
+    _ready(page, base + "f/5/index.html?embed")
+    assert not page.locator("header.bar").is_visible()
+    assert page.locator("[data-panel=top] .tok.max").count() >= 1
+    page.keyboard.press("j")
+    page.wait_for_url(re.compile(r"/f/6/index\.html\?embed$"))
+    page.wait_for_selector("html[data-ready]")
+
+    _ready(page, base + "f/5/index.html")
+    assert page.locator("header.bar").is_visible()
+    page.click("#copy-link")
+    assert page.locator("#share-text").input_value() == base + "f/5/"
+    page.click("#embed-code")
+    assert 'src="' + base + 'f/5/index.html?embed"' in page.locator("#share-text").input_value()
+    page.locator("body").click(position={"x": 5, "y": 300})
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_url(re.compile(r"/f/4/index\.html$"))
+    page.wait_for_selector("html[data-ready]")
+    page.keyboard.press("k")
+    page.wait_for_url(re.compile(r"/f/3/index\.html$"))
+
+
+@pytest.mark.parametrize("n_sources", [1, 4])
+def test_other_source_counts(world, page, n_sources):
+    root = world["root"]
+    cache = write_synthetic_cache(root / f"cache{n_sources}", n_features=6, n_sources=n_sources, vocab_size=200,
+                                  n_sequences=10, seq_len=40, feature_offset=50)
+    site = root / f"site{n_sources}"
+    render_site(cache, site)
+    _ready(page, site.as_uri() + "/f/50/index.html")
+    assert page.locator("[data-panel=decoder] .barrow").count() == n_sources
+    assert page.locator("[data-panel=logits] table.logit").count() == 2 * n_sources
+    _ready(page, site.as_uri() + "/index.html")
+    assert sorted(_all_row_ids(page)) == list(range(50, 56))
+    if n_sources == 4:
+        page.goto(site.as_uri() + "/diff/index.html")
+        bins = page.locator("a.bin")
+        assert bins.count() == 4
+        counts = [int(x) for x in bins.evaluate_all("els => els.map(e => e.getAttribute('data-count'))")]
+        k = int(np.argmax(counts))
+        bins.nth(k).locator("rect.hit").click()
+        page.wait_for_selector("html[data-ready]")
+        assert len(_all_row_ids(page)) == counts[k]

@@ -1,0 +1,429 @@
+"""The render stage on synthetic caches: golden output, determinism, no torch, errors, site files."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from atlas.cache import read_cache
+from atlas.errors import AtlasError
+from atlas.render import render_site
+from atlas.render.chunks import decode_payload, read_chunk_script
+from atlas.render.labels import load_labels
+from atlas.render.search import token_key
+from atlas.render.text import visible
+from atlas.render.verify import verify_site
+from synthetic_cache import HOSTILE_TOKENS, write_synthetic_cache
+
+GOLDEN = Path(__file__).parent / "golden" / "tiny"
+REGEN = os.environ.get("ATLAS_REGEN_GOLDEN") == "1"
+GOLDEN_TEXT = ("index.html", "f/0/index.html", "f/1/index.html", "diff/index.html", "404.html", "data/meta.js",
+               "features.csv", "sitemap.xml", "atlas-site.json")
+
+
+def _tiny_cache(folder: Path) -> Path:
+    return write_synthetic_cache(folder, n_features=6, n_sources=2, vocab_size=80, n_sequences=10, seq_len=36,
+                                 seed=3, hostile_text=True)
+
+
+def _files(site: Path) -> dict[str, bytes]:
+    return {p.relative_to(site).as_posix(): p.read_bytes() for p in sorted(site.rglob("*")) if p.is_file()}
+
+
+def _readable(obj):
+    """A JSON-friendly view of a decoded payload (bin values as hex)."""
+    if isinstance(obj, bytes):
+        return "hex:" + obj.hex()
+    if isinstance(obj, dict):
+        return {k: _readable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_readable(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:
+        return "NaN"
+    return obj
+
+
+def _decoded(site: Path) -> dict:
+    out = {}
+    for p in sorted(site.rglob("*.js")):
+        rel = p.relative_to(site).as_posix()
+        if rel.startswith("data/") and rel != "data/meta.js":
+            out[rel] = _readable(read_chunk_script(p.read_bytes())[1])
+    for p in sorted((site / "f").glob("*/index.html"), key=lambda q: int(q.parent.name)):
+        html = p.read_text("utf-8")
+        b64 = html.split('id="atlas-feature">', 1)[1].split("</script>", 1)[0]
+        out[p.relative_to(site).as_posix()] = _readable(decode_payload(b64))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    cache = _tiny_cache(root / "cache")
+    labels = root / "labels.json"
+    labels.write_text(json.dumps({"0": {"label": "Hostile <b>label</b> & co", "explanation": "x < y"},
+                                  "3": "numbers"}), "utf-8")
+    site = root / "site"
+    summary = render_site(cache, site, labels=labels)
+    return cache, labels, site, summary
+
+
+def test_golden_output(tiny_site):
+    """The tiny site matches the files stored under tests/golden/tiny (ATLAS_REGEN_GOLDEN=1 rewrites them)."""
+    _cache, _labels, site, _summary = tiny_site
+    files = _files(site)
+    hashes = {k: hashlib.sha256(v).hexdigest() for k, v in files.items() if not k.startswith("assets/")}
+    decoded = _decoded(site)
+    if REGEN:
+        GOLDEN.mkdir(parents=True, exist_ok=True)
+        (GOLDEN / "files.json").write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n", "utf-8")
+        (GOLDEN / "decoded.json").write_text(json.dumps(decoded, indent=1, sort_keys=True, ensure_ascii=False) + "\n",
+                                             "utf-8")
+        for rel in GOLDEN_TEXT:
+            (GOLDEN / rel).parent.mkdir(parents=True, exist_ok=True)
+            (GOLDEN / rel).write_bytes(files[rel])
+    for rel in GOLDEN_TEXT:
+        assert files[rel].decode("utf-8") == (GOLDEN / rel).read_text("utf-8"), rel
+    assert decoded == json.loads((GOLDEN / "decoded.json").read_text("utf-8"))
+    assert hashes == json.loads((GOLDEN / "files.json").read_text("utf-8"))
+
+
+def test_assets_are_the_packaged_ones(tiny_site):
+    from atlas.render.assets import asset_files
+
+    _cache, _labels, site, _summary = tiny_site
+    for rel, data in asset_files().items():
+        assert (site / rel).read_bytes() == data
+    assert b"sourceMappingURL" not in (site / "assets" / "msgpack.min.js").read_bytes()
+    assert b"ISC" in (site / "assets" / "msgpack.LICENSE.txt").read_bytes() or \
+        b"Permission to use" in (site / "assets" / "msgpack.LICENSE.txt").read_bytes()
+
+
+def test_render_is_deterministic(tmp_path, tiny_site):
+    cache, labels, site, _summary = tiny_site
+    again = tmp_path / "elsewhere" / "out"
+    render_site(cache, again, labels=labels)
+    assert _files(again) == _files(site)
+
+
+def test_summary_and_verify(tiny_site):
+    _cache, _labels, site, summary = tiny_site
+    files = _files(site)
+    assert summary.n_features == 6
+    assert summary.n_files == len(files)
+    assert summary.total_bytes == sum(len(v) for v in files.values())
+    assert summary.largest_file_bytes == max(len(v) for v in files.values())
+    assert verify_site(site) == []
+    for rel in (".nojekyll", "404.html", "sitemap.xml", "features.csv", "diff/index.html", "atlas-site.json"):
+        assert rel in files
+
+
+def test_feature_page_static_facts(tiny_site):
+    cache_dir, _labels, site, _summary = tiny_site
+    cache = read_cache(cache_dir)
+    html = (site / "f" / "0" / "index.html").read_text("utf-8")
+    assert "<title>Feature 0 · Hostile &lt;b&gt;label&lt;/b&gt; &amp; co — Synthetic crosscoder</title>" in html
+    assert '<meta name="description" content="Hostile &lt;b&gt;label&lt;/b&gt; &amp; co. Feature 0' in html
+    assert '<meta property="og:title" content="Feature 0: Hostile &lt;b&gt;label&lt;/b&gt; &amp; co">' in html
+    assert "<b>label</b>" not in html
+    assert '<p class="explanation">x &lt; y</p>' in html
+    assert 'href="../1/index.html"' in html and 'id="prev"' not in html
+    density = float(cache.features.density[0])
+    assert f'<dd id="fact-density">{100 * density:.3g}%</dd>' in html
+    # every link is relative
+    assert 'href="/' not in html and 'src="/' not in html
+    # a dead feature says so and has no example panels
+    dead = (site / "f" / "1" / "index.html").read_text("utf-8")
+    assert "never fired" in dead and 'data-panel="top"' not in dead
+
+
+def test_payload_matches_cache(tiny_site):
+    """Top examples in the payload: the cache's windows, quantised against the feature's max."""
+    cache_dir, _labels, site, _summary = tiny_site
+    cache = read_cache(cache_dir)
+    meta = json.loads((site / "data" / "meta.js").read_text("ascii")[len("Atlas.meta("):-3])
+    strings = []
+    for k in range(meta["vocab"]["n_shards"]):
+        strings += read_chunk_script((site / "data" / "vocab" / f"{k}.js").read_bytes())[1]["s"]
+    html = (site / "f" / "0" / "index.html").read_text("utf-8")
+    p = decode_payload(html.split('id="atlas-feature">', 1)[1].split("</script>", 1)[0])
+    st = cache.manifest.settings
+    W, wb = st.window, st.window_before
+    ex = cache.examples
+    n = int((ex.top_seq[0] >= 0).sum())
+    tt = np.frombuffer(p["tt"], "<u2").reshape(n, W)
+    ta = np.frombuffer(p["ta"], np.uint8).reshape(n, W)
+    for e in range(n):
+        seq, pos = int(ex.top_seq[0, e]), int(ex.top_pos[0, e])
+        want = [int(cache.tokens[seq, q]) if 0 <= q < cache.tokens.shape[1] else -1 for q in range(pos - wb, pos - wb + W)]
+        got = [strings[t] if t else None for t in tt[e]]
+        assert got == [cache.vocab[t] if t >= 0 else None for t in want]
+        assert ta[e, wb] == 255 if e == 0 else ta[e, wb] >= 1
+        win = ex.top_window[0, e].astype(np.float32)
+        assert np.all((ta[e] > 0) == (win > 0))
+        assert np.allclose(ta[e] / 255 * p["max"], np.maximum(win, 0), atol=p["max"] / 255)
+    assert np.allclose(np.frombuffer(p["tv"], "<f4"), ex.top_act[0, :n])
+    assert p["max"] == pytest.approx(float(cache.features.max_act[0]))
+    # the hostile tokens are carried as plain strings
+    assert set(HOSTILE_TOKENS) <= set(strings)
+
+
+def test_features_csv_and_sitemap(tiny_site):
+    cache_dir, _labels, site, _summary = tiny_site
+    cache = read_cache(cache_dir)
+    rows = list(csv.DictReader((site / "features.csv").open(encoding="utf-8")))
+    assert [int(r["id"]) for r in rows] == list(range(6))
+    assert rows[0]["label"] == "Hostile <b>label</b> & co"
+    assert float(rows[2]["density"]) == pytest.approx(float(cache.features.density[2]), rel=1e-5)
+    assert rows[2]["url"] == "f/2/"
+    sm = (site / "sitemap.xml").read_text("utf-8")
+    assert "<loc>f/5/</loc>" in sm and "<loc>index.html</loc>" in sm
+
+
+def test_sitemap_absolute_and_split(tmp_path):
+    from atlas.render.sitefiles import sitemap_files
+
+    files = sitemap_files([f"f/{i}/" for i in range(120_001)], "https://example.org/atlas/")
+    assert sorted(files) == ["sitemap-0.xml", "sitemap-1.xml", "sitemap-2.xml", "sitemap.xml"]
+    assert b"<sitemapindex" in files["sitemap.xml"]
+    assert b"<loc>https://example.org/atlas/sitemap-2.xml</loc>" in files["sitemap.xml"]
+    assert b"<loc>https://example.org/atlas/f/0/</loc>" in files["sitemap-0.xml"]
+
+
+def test_render_never_imports_torch(tmp_path):
+    cache = _tiny_cache(tmp_path / "cache")
+    code = (
+        "import sys\n"
+        "from atlas.render import render_site\n"
+        "from atlas.render.verify import verify_site\n"
+        f"render_site({str(cache)!r}, {str(tmp_path / 'site')!r})\n"
+        f"assert verify_site({str(tmp_path / 'site')!r}) == []\n"
+        "assert 'torch' not in sys.modules, 'render imported torch'\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("n_sources", [1, 4])
+def test_other_source_counts(tmp_path, n_sources):
+    cache = write_synthetic_cache(tmp_path / "cache", n_features=5, n_sources=n_sources, vocab_size=120,
+                                  n_sequences=8, seq_len=40, feature_offset=100)
+    site = tmp_path / "site"
+    render_site(cache, site)
+    assert verify_site(site) == []
+    assert (site / "f" / "100" / "index.html").is_file() and not (site / "f" / "0").exists()
+    assert (site / "diff" / "index.html").exists() == (n_sources > 1)
+    if n_sources == 4:
+        diff = (site / "diff" / "index.html").read_text("utf-8")
+        assert 'href="../index.html#peak=3"' in diff
+    page = (site / "f" / "100" / "index.html").read_text("utf-8")
+    assert ('id="fact-rel"' in page) is False
+
+
+# --------------------------------------------------------------------------- errors and the output folder
+
+
+def test_missing_or_unfinished_cache(tmp_path):
+    with pytest.raises(AtlasError, match="atlas analyze"):
+        render_site(tmp_path / "nope", tmp_path / "site")
+    cache = _tiny_cache(tmp_path / "cache")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["complete"] = False
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AtlasError, match="unfinished.*atlas analyze"):
+        render_site(cache, tmp_path / "site")
+    manifest["complete"] = True
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    (cache / "examples.npz").write_bytes(b"not a zip")
+    with pytest.raises(AtlasError, match="atlas analyze"):
+        render_site(cache, tmp_path / "site")
+    assert not (tmp_path / "site").exists()
+
+
+def test_inconsistent_cache(tmp_path):
+    cache = _tiny_cache(tmp_path / "cache")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["n_features"] = 7
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AtlasError, match="inconsistent"):
+        render_site(cache, tmp_path / "site")
+
+
+def test_refuses_foreign_folder_and_replaces_a_site(tmp_path):
+    cache = _tiny_cache(tmp_path / "cache")
+    foreign = tmp_path / "docs"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(AtlasError, match="not an atlas site"):
+        render_site(cache, foreign)
+    assert (foreign / "thesis.tex").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "docs"]  # no staging folder left
+    with pytest.raises(AtlasError, match="is a file"):
+        render_site(cache, foreign / "thesis.tex")
+
+    site = tmp_path / "site"
+    site.mkdir()  # an empty folder is fine
+    render_site(cache, site)
+    (site / "stale.txt").write_text("from an old render")
+    render_site(cache, site, title="Second")
+    assert not (site / "stale.txt").exists()
+    assert "Second" in (site / "index.html").read_text("utf-8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "docs", "site"]
+
+
+def test_failed_render_keeps_old_site(tmp_path, monkeypatch):
+    cache = _tiny_cache(tmp_path / "cache")
+    site = tmp_path / "site"
+    render_site(cache, site, title="Old")
+    before = _files(site)
+
+    import atlas.render.site as site_mod
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(site_mod, "features_csv", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        render_site(cache, site, title="New")
+    assert _files(site) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "site"]
+
+
+def test_cli_render_and_error(tmp_path, capsys):
+    from atlas.cli import main
+
+    cache = _tiny_cache(tmp_path / "cache")
+    assert main(["render", str(cache), "-o", str(tmp_path / "site"), "--title", "CLI atlas"]) == 0
+    assert "CLI atlas" in (tmp_path / "site" / "index.html").read_text("utf-8")
+    assert main(["render", str(tmp_path / "missing"), "-o", str(tmp_path / "site2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("atlas: error:") and "atlas analyze" in err[0]
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def test_labels_formats(tmp_path):
+    j1 = tmp_path / "a.json"
+    j1.write_text(json.dumps({"3": "three", "5": {"label": "five", "explanation": "why"}}))
+    assert {k: (v.label, v.explanation) for k, v in load_labels(j1).items()} == {3: ("three", ""), 5: ("five", "why")}
+    j2 = tmp_path / "b.json"
+    j2.write_text(json.dumps([{"id": 1, "label": "one"}, {"id": "2", "label": "two", "explanation": "e"}]))
+    assert {k: v.label for k, v in load_labels(j2).items()} == {1: "one", 2: "two"}
+    c = tmp_path / "c.csv"
+    c.write_text("id,label,explanation\n4,\"four, quoted\",because\n6,six,\n")
+    got = load_labels(c)
+    assert got[4].label == "four, quoted" and got[4].explanation == "because" and got[6].label == "six"
+    assert load_labels(None) == {}
+
+
+@pytest.mark.parametrize("name,text,match", [
+    ("bad.json", "{not json", "invalid JSON"),
+    ("ids.json", '{"x": "label"}', "not an integer"),
+    ("list.json", '[{"label": "no id"}]', "id"),
+    ("scalar.json", "42", "neither an object nor a list"),
+    ("cols.csv", "feature,text\n1,a\n", "lacks an id or label column"),
+    ("neg.csv", "id,label\n-3,a\n", "negative"),
+])
+def test_bad_labels_files(tmp_path, name, text, match):
+    p = tmp_path / name
+    p.write_text(text)
+    with pytest.raises(AtlasError, match=match):
+        load_labels(p)
+    with pytest.raises(AtlasError, match="labels"):
+        load_labels(tmp_path / "missing.json")
+
+
+def test_labels_outside_the_site(tmp_path):
+    cache = _tiny_cache(tmp_path / "cache")
+    p = tmp_path / "labels.json"
+    p.write_text(json.dumps({"999": "far away"}))
+    with pytest.raises(AtlasError, match="no feature of this site"):
+        render_site(cache, tmp_path / "site", labels=p)
+
+
+# --------------------------------------------------------------------------- search index
+
+
+def test_token_search_index(tiny_site):
+    cache_dir, _labels, site, _summary = tiny_site
+    cache = read_cache(cache_dir)
+    meta = json.loads((site / "data" / "meta.js").read_text("ascii")[len("Atlas.meta("):-3])
+    entries = {}
+    for k in range(meta["search"]["token_shards"]):
+        for e in read_chunk_script((site / "data" / "search" / f"t{k}.js").read_bytes())[1]["e"]:
+            entries[e[0]] = (e[1], np.frombuffer(e[2], "<u4").tolist(), list(e[3]))
+    # recompute: features whose top examples peak on a token
+    wb = cache.manifest.settings.window_before
+    expect: dict[str, dict[int, int]] = {}
+    for f in range(cache.manifest.n_features):
+        for e in range(cache.examples.top_seq.shape[1]):
+            s = int(cache.examples.top_seq[f, e])
+            if s < 0:
+                continue
+            key = token_key(cache.vocab[int(cache.tokens[s, cache.examples.top_pos[f, e]])])
+            if key:
+                expect.setdefault(key, {}).setdefault(f, 0)
+                expect[key][f] += 1
+    assert set(entries) == set(expect)
+    for key, feats in expect.items():
+        strings, ids, counts = entries[key]
+        assert dict(zip(ids, counts)) == feats
+        assert all(token_key(s) == key for s in strings)
+    del wb
+
+
+def test_label_search_index(tiny_site):
+    _cache, _labels, site, _summary = tiny_site
+    meta = json.loads((site / "data" / "meta.js").read_text("ascii")[len("Atlas.meta("):-3])
+    words = {}
+    labels = {}
+    for k in range(meta["search"]["label_shards"]):
+        sh = read_chunk_script((site / "data" / "search" / f"l{k}.js").read_bytes())[1]
+        for w, ids in sh["w"]:
+            words[w] = np.frombuffer(ids, "<u4").tolist()
+        labels.update({i: lab for i, lab in sh["l"]})
+    assert words == {"hostile": [0], "b": [0], "label": [0], "co": [0], "numbers": [3]}
+    assert labels == {0: "Hostile <b>label</b> & co", 3: "numbers"}
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def test_verify_finds_problems(tmp_path):
+    cache = _tiny_cache(tmp_path / "cache")
+    site = tmp_path / "site"
+    render_site(cache, site)
+    assert verify_site(site) == []
+    (site / "f" / "4" / "index.html").unlink()
+    idx = site / "index.html"
+    idx.write_text(idx.read_text("utf-8").replace('href="features.csv"', 'href="/features.csv"')
+                   .replace("</main>", '<a href="f/77/index.html">x</a><script src="https://cdn.example.com/x.js">'
+                            '</script></main>'), "utf-8")
+    js = site / "assets" / "atlas.js"
+    js.write_bytes(js.read_bytes() + b'\n// see https://evil.example/track\n')
+    with open(site / "data" / "huge.bin", "wb") as fh:  # sparse: takes no disk space
+        fh.truncate(101_000_000)
+    problems = "\n".join(verify_site(site))
+    assert "missing 1 feature pages (first: f/4/index.html)" in problems
+    assert "absolute link /features.csv" in problems
+    assert "broken link f/77/index.html" in problems
+    assert "network URL https://cdn.example.com/x.js" in problems
+    assert "assets/atlas.js: network URL https://evil.example/track" in problems
+    assert "data/huge.bin is 101 MB" in problems
+    assert verify_site(tmp_path / "cache")[0].startswith("atlas-site.json is missing")
+
+
+def test_visible_markers():
+    assert visible("a\nb\tc\x00") == "a↵b⇥c␀"
+    assert visible(" the ") == " the "
