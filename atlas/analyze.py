@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -130,24 +131,22 @@ def counted_mask(tokens: torch.Tensor, bos_token_id: int | None, exclude_bos: bo
 
 
 def _check_finite(x: torch.Tensor, what: str, lo: int, hi: int, fix: str) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise AtlasError(f"{what} hold NaN or inf values in sequences {lo}..{hi - 1}: {fix}")
+    # one reduction first: NaN and inf propagate into a sum, so a finite sum proves every value finite
+    if bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all()):
+        return
+    raise AtlasError(f"{what} hold NaN or inf values in sequences {lo}..{hi - 1}: {fix}")
 
 
-def estimate_input_scale(models, tokens, counted, batch_size: int, n_batches: int) -> tuple[torch.Tensor, int]:
-    """Per source ``sqrt(d) / mean ‖x‖`` over the ``counted`` tokens of the first ``n_batches`` batches."""
+def estimate_input_scale(batches: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Per source ``sqrt(d) / mean ‖x‖`` over the masked tokens of activation batches ``x[B, T, S, d]``."""
     total, count = None, 0
-    for lo in range(0, min(len(tokens), batch_size * n_batches), batch_size):
-        ids = tokens[lo:lo + batch_size]
-        x = models.extract(ids, torch.ones_like(ids)).float()
-        _check_finite(x, "the models' activations", lo, lo + len(ids), "try --dtype float32")
-        mask = counted[lo:lo + len(ids)].to(x.device)
-        norms = x.norm(dim=-1)[mask]  # [n, S]
+    for x, mask in zip(batches, masks):
+        norms = x.float().norm(dim=-1)[mask.to(x.device)]  # [n, S]
         total = norms.sum(0) if total is None else total + norms.sum(0)
         count += norms.shape[0]
     if not count:
         raise AtlasError("no tokens to estimate the input scale from: pass --scale, or a larger --n-samples")
-    d = x.shape[-1]
+    d = batches[0].shape[-1]
     return (math.sqrt(d) / (total / count)).cpu(), count
 
 
@@ -231,28 +230,37 @@ def run_analysis(crosscoder, models, tokens: torch.Tensor, options: AnalysisOpti
         batches_done = int(state["batches_done"])
         input_scale = state["input_scale"]
         print(f"atlas: resuming the analysis after batch {batches_done} (from {state_path})")
-    elif scale_estimated:
+    # stream: extract → (estimate the input scale from the first batches) → encode → fold
+    starts = list(range(0, N, options.batch_size))
+
+    def extracted(first: int):
+        for b_idx in range(first, len(starts)):
+            lo = starts[b_idx]
+            hi = min(lo + options.batch_size, N)
+            ids = tokens[lo:hi]
+            x = models.extract(ids, torch.ones_like(ids))
+            _check_finite(x, "the models' activations", lo, hi, "try --dtype float32")
+            yield b_idx, lo, hi, x
+
+    stream = extracted(batches_done)
+    if state is None and scale_estimated and crosscoder.input_norm is not None:
+        input_scale = torch.ones(crosscoder.n_sources)  # inputs are normalised per token already
+    elif state is None and scale_estimated:
+        held = list(itertools.islice(stream, options.scale_batches))  # analysed right after
         not_bos = counted_mask(tokens, models.bos_token_id, exclude_bos=True)  # BOS norms are outliers
-        input_scale, n_est = estimate_input_scale(models, tokens, not_bos, options.batch_size,
-                                                  options.scale_batches)
+        input_scale, n_est = estimate_input_scale([x for *_, x in held],
+                                                  [not_bos[lo:hi] for _, lo, hi, _ in held])
         shown = ", ".join(f"{v:.4g}" for v in input_scale.tolist())
         print(f"atlas: the checkpoint has no input scale; estimated sqrt(d)/mean‖x‖ = [{shown}] per source "
               f"over {n_est:,} tokens (pass --scale to set it)")
+        stream = itertools.chain(held, stream)
     crosscoder = dataclasses.replace(crosscoder, input_scale=torch.as_tensor(input_scale, dtype=torch.float32))
     encode = FeatureEncoder(crosscoder, n, device, dtype)
 
-    # stream
-    batches = range(0, N, options.batch_size)
     bar = tqdm(total=N * T, initial=min(batches_done * options.batch_size, N) * T, unit="tok", unit_scale=True,
                desc="analysing", disable=not options.progress, file=sys.stderr, dynamic_ncols=True)
     since_save = 0
-    for b_idx, lo in enumerate(batches):
-        if b_idx < batches_done:
-            continue
-        hi = min(lo + options.batch_size, N)
-        ids = tokens[lo:hi]
-        x = models.extract(ids, torch.ones_like(ids))
-        _check_finite(x, "the models' activations", lo, hi, "try --dtype float32")
+    for b_idx, lo, hi, x in stream:
         acts = encode(x)
         del x
         _check_finite(acts, "the crosscoder's feature activations", lo, hi,

@@ -191,14 +191,15 @@ def test_resume_after_interruption_gives_the_same_cache(diff_setup, diff_cache, 
             return self.inner.extract(ids, mask)
 
     options = dataclasses.replace(OPTIONS, save_every=2)
-    # 2 batches for the scale estimate, then 3 analysis batches; the state holds 2 of them
+    # the first 2 batches serve the scale estimate and the analysis; the 4th forward is interrupted,
+    # after the state of 2 batches was saved
     with pytest.raises(KeyboardInterrupt):
-        run_analysis(cc, Interrupting(models, 5), tokens, options, tmp_path, CPU, torch.float32)
+        run_analysis(cc, Interrupting(models, 3), tokens, options, tmp_path, CPU, torch.float32)
     state = torch.load(tmp_path / "state" / "summaries.pt", weights_only=True)
     assert state["batches_done"] == 2
     resumed_models = Interrupting(models, 10**9)
     run_analysis(cc, resumed_models, tokens, options, tmp_path, CPU, torch.float32)
-    assert resumed_models.calls == 5 - 2  # 22 sequences = 5 batches, 2 done before; no new scale estimate
+    assert resumed_models.calls == 5 - 2  # 22 sequences = 5 batches, 2 done before; scale from the state
     assert not (tmp_path / "state").exists()
     resumed = read_cache(tmp_path)
     for part in ("features", "examples", "logits"):

@@ -140,7 +140,10 @@ def test_batching_does_not_change_results(data, batch):
     acts, counted, out = data
     other = run(acts, counted, batch=batch).finalize()
     for name in out:
-        np.testing.assert_array_equal(other[name], out[name], err_msg=name)
+        if name == "mean_act":  # float32 sums within a batch
+            np.testing.assert_allclose(other[name], out[name], rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(other[name], out[name], err_msg=name)
 
 
 def test_shards_merged_equal_one_run(data):

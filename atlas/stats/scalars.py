@@ -36,7 +36,7 @@ class ScalarStats:
         F = self.n_active.shape[0]
         self.n_tokens += n_counted
         self.n_active += torch.bincount(nz_f, minlength=F)
-        self.act_sum += acts.sum(dim=0, dtype=torch.float64)
+        self.act_sum += acts.sum(dim=0).double()  # float32 within a batch, float64 across batches
         self.max_act = torch.maximum(self.max_act, acts.amax(dim=0).clamp_min(0))
         bins = torch.bucketize(nz_vals, self.edges[1:-1], right=True)
         self.hist += torch.bincount(nz_f * self.n_bins + bins, minlength=F * self.n_bins).view(F, self.n_bins)

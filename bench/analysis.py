@@ -1,0 +1,205 @@
+"""Benchmark of the analysis stage: its cost relative to bare NNsight forward passes, and its memory.
+
+In one process: time the forward passes alone (``ModelSet.extract``, stopping at the crosscoder's layer)
+over a corpus, then the full analysis (``atlas.analyze.run_analysis``: extract, encode, fold summaries,
+weight statistics, write the cache) over the same corpus; print both throughputs and their ratio, the
+peak memory of each, and the analysis's peak memory at 1× and 4× the tokens (it must not grow with
+the number of tokens). Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the resident set
+size sampled every 2 ms above its level at the start of the phase (freed heap is returned to the OS
+with ``malloc_trim`` between phases).
+
+    python bench/analysis.py                       # tiny random Llama built here, 4096 features
+    python bench/analysis.py --model PATH_OR_ID --hook-point blocks.6.hook_resid_post --features 16384
+
+Results measured by the team are in ``bench/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import math
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from atlas.analyze import AnalysisOptions, run_analysis  # noqa: E402
+from atlas.crosscoder import Crosscoder, Source  # noqa: E402
+from atlas.models import load_models, pick_device  # noqa: E402
+
+
+def build_tiny_llama(folder: Path, d: int = 256, layers: int = 4, vocab: int = 4096) -> str:
+    """A random Llama with a byte-level BPE tokenizer trained on ``pydoc_data.topics`` (seconds)."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([topics[k] for k in sorted(topics)], trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<bos>", "<eos>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=d, intermediate_size=4 * d, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                      bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return str(folder)
+
+
+def random_crosscoder(models, sources, n_features: int, tokens, density: float = 0.01) -> Crosscoder:
+    """Random weights; encoder biases put every feature at about ``density`` on the first batch."""
+    S, d = len(sources), models.widths[0]
+    g = torch.Generator().manual_seed(0)
+    W_enc = torch.randn(S, d, n_features, generator=g) / math.sqrt(S * d)
+    W_dec = torch.randn(n_features, S, d, generator=g) / math.sqrt(d)
+    x = models.extract(tokens[:8]).float().cpu()[:, 1:]
+    x = x * (math.sqrt(d) / x.norm(dim=-1).mean((0, 1)))[None, None, :, None]
+    pre = torch.einsum("btsd,sdf->btf", x, W_enc).reshape(-1, n_features)
+    b_enc = -torch.quantile(pre[: min(len(pre), 4096)], 1 - density, dim=0)
+    return Crosscoder(W_enc=W_enc, W_dec=W_dec, b_enc=b_enc, b_dec=torch.zeros(S, d), sources=sources,
+                      format="bench", path="random")
+
+
+class PeakMemory:
+    """Peak memory of a phase: CUDA allocator peak, or sampled RSS above the phase's start."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss())
+        self.extra = self.peak - self.start
+        return False
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def corpus(models, n_tokens: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Random token ids (BOS first) — the cost of the analysis does not depend on the text."""
+    n = max(1, n_tokens // seq_len)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, models.vocab_size, (n, seq_len), generator=g)
+    if models.bos_token_id is not None:
+        ids[:, 0] = models.bos_token_id
+    return ids
+
+
+def time_forwards(models, tokens, batch_size: int, device) -> float:
+    t0 = time.perf_counter()
+    for lo in range(0, len(tokens), batch_size):
+        x = models.extract(tokens[lo:lo + batch_size])
+        del x
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_analysis(cc, models, tokens, options, device, dtype) -> tuple[float, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        run_analysis(cc, models, tokens, options, Path(tmp), device, dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+    return elapsed, size
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="HF id or local path (default: a tiny random Llama built here)")
+    p.add_argument("--hook-point", default="blocks.2.hook_resid_post")
+    p.add_argument("--sources", type=int, default=1, help="1 = SAE; 2 = the model read twice (two sources)")
+    p.add_argument("--features", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device, dtype = pick_device(args.device, args.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or build_tiny_llama(Path(tmp) / "llama")
+        sources = [Source(model, args.hook_point)] * args.sources
+        models = load_models(sources, device, dtype)
+        tokens = corpus(models, args.tokens, args.seq_len)
+        cc = random_crosscoder(models, sources, args.features, tokens)
+        options = AnalysisOptions(n_features=0, batch_size=args.batch_size, progress=False, reuse=False,
+                                  save_every=10**9)
+        n_tok = tokens.numel()
+        # warm-up (first-call costs: kernels, allocator)
+        time_forwards(models, tokens[: args.batch_size], args.batch_size, device)
+        time_analysis(cc, models, tokens[: args.batch_size * 2], options, device, dtype)
+
+        with PeakMemory(device) as m_fwd:
+            t_fwd = time_forwards(models, tokens, args.batch_size, device)
+        with PeakMemory(device) as m_1x:
+            t_all, size = time_analysis(cc, models, tokens, options, device, dtype)
+        tokens4 = corpus(models, 4 * args.tokens, args.seq_len, seed=1)
+        with PeakMemory(device) as m_4x:
+            t_4x, _ = time_analysis(cc, models, tokens4, options, device, dtype)
+
+    name = args.model or "tiny random Llama (d=256, 4 layers)"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} thread(s)"
+    mb = 2**20
+    print(f"model {name} at {args.hook_point} ×{args.sources}, {args.features} features, {where}, "
+          f"{str(dtype).replace('torch.', '')}, batch {args.batch_size}×{args.seq_len}")
+    print(f"forward only      {n_tok:>9,} tokens  {t_fwd:7.2f} s  {n_tok / t_fwd:>10,.0f} tok/s  "
+          f"peak +{m_fwd.extra / mb:7.1f} MiB")
+    print(f"full analysis     {n_tok:>9,} tokens  {t_all:7.2f} s  {n_tok / t_all:>10,.0f} tok/s  "
+          f"peak +{m_1x.extra / mb:7.1f} MiB  (cache {size / mb:.1f} MiB)")
+    print(f"full analysis 4×  {tokens4.numel():>9,} tokens  {t_4x:7.2f} s  {tokens4.numel() / t_4x:>10,.0f} tok/s  "
+          f"peak +{m_4x.extra / mb:7.1f} MiB")
+    print(f"analysis / forward time: {t_all / t_fwd:.2f}×;  peak memory 4× / 1× tokens: "
+          f"{m_4x.extra / max(m_1x.extra, 1):.2f}")
+
+
+if __name__ == "__main__":
+    main()
