@@ -27,6 +27,7 @@ from .common import (
     Options,
     apply_scale,
     cfg_int,
+    cfg_number,
     complete_models,
     complete_sites,
     f32,
@@ -90,7 +91,7 @@ def _sources(S: int, cfg: dict, cfg_file, cfg_desc: str, raw: RawCheckpoint, opt
     hps = opts.hook_points
     cfg_hp = cfg.get("hook_point")
     if not cfg_hp and cfg.get("layer") is not None and cfg.get("site"):
-        cfg_hp = layer_site(int(cfg["layer"]), str(cfg["site"]))
+        cfg_hp = layer_site(cfg_number(cfg["layer"], "layer", cfg_file), str(cfg["site"]))
     n_given = len(opts.models or [])
 
     if S > 1 and hps is not None and len(hps) == S:

@@ -92,8 +92,37 @@ def cfg_int(cfg: dict, key: str, cfg_path, actual: int, what: str) -> None:
         )
 
 
-def scalar(t: torch.Tensor) -> float:
-    return float(t.detach().to(torch.float64).reshape(-1)[0]) if t.numel() else float("nan")
+def cfg_number(value, what: str, cfg_path, kind=int):
+    """A number from a config (AtlasError naming the entry when it is not one)."""
+    try:
+        if isinstance(value, bool) or value is None:
+            raise TypeError
+        out = kind(value)
+        if kind is int and float(value) != out:
+            raise ValueError
+        if kind is float and not math.isfinite(out):
+            raise ValueError
+        return out
+    except (TypeError, ValueError, OverflowError):
+        raise AtlasError(f"{cfg_path}: {what} = {value!r} is not {'an integer' if kind is int else 'a number'}; fix the config") from None
+
+
+def scalar(raw: RawCheckpoint, key: str) -> float:
+    """A one-element tensor's value (AtlasError when the tensor is not a finite scalar)."""
+    t = raw.state[key]
+    if t.numel() != 1:
+        raise AtlasError(f"{raw.path}: {key} has shape {fmt_shape(t.shape)}; a single value is expected")
+    v = float(t.detach().to(torch.float64).reshape(-1)[0])
+    if v != v or v in (float("inf"), float("-inf")):
+        raise AtlasError(f"{raw.path}: {key} is {v}; the file is damaged, use another checkpoint")
+    return v
+
+
+def int_scalar(raw: RawCheckpoint, key: str) -> int:
+    v = scalar(raw, key)
+    if v != int(v):
+        raise AtlasError(f"{raw.path}: {key} is {v}, not an integer; the file is damaged")
+    return int(v)
 
 
 # --------------------------------------------------------------------------- model ids

@@ -24,6 +24,7 @@ from .common import (
     Options,
     apply_scale,
     cfg_int,
+    cfg_number,
     complete_models,
     complete_sites,
     expect_shape,
@@ -85,7 +86,7 @@ def convert(raw: RawCheckpoint, opts: Options) -> Crosscoder:
 
     # unfold the normalisation factors the trainer folded in before saving
     stored, stored_desc = None, ""
-    folded = "is_folded" in st and bool(scalar(st["is_folded"]))
+    folded = "is_folded" in st and bool(scalar(raw, "is_folded"))
     if folded:
         s_in = f32(st.get("folded_scaling_factors_in_Xi", torch.ones(Xi))).reshape(-1)
         s_out = f32(st.get("folded_scaling_factors_out_Xo", s_in)).reshape(-1)
@@ -142,7 +143,7 @@ def _activation(raw: RawCheckpoint, cfg: dict, cfg_path, F: int, opts: Options):
         if params.get("k") is None:
             raise AtlasError(f"{cfg_path}: TopkActivation without k; fix model_cfg.yaml")
         opts.notes.append("TopK: crosscode keeps the k largest pre-activations even when negative; the atlas shows those as 0")
-        return "topk", None, int(params["k"])
+        return "topk", None, cfg_number(params["k"], "activation_fn.cfg.k", cfg_path)
     if cls == "BatchTopkActivation":
         k = params.get("k_per_example")
         if k is None:
@@ -151,7 +152,7 @@ def _activation(raw: RawCheckpoint, cfg: dict, cfg_path, F: int, opts: Options):
             f"BatchTopK without a stored inference threshold: read as TopK with k = {k} per token "
             "(an approximation of batch-level top-k)"
         )
-        return "topk", None, int(k)
+        return "topk", None, cfg_number(k, "activation_fn.cfg.k_per_example", cfg_path)
     raise AtlasError(
         f"{cfg_path}: activation function {cls!r} is not supported; supported: ReLUActivation, "
         "AnthropicSTEJumpReLUActivation, TopkActivation, BatchTopkActivation"
@@ -168,7 +169,9 @@ def _experiment_config(raw: RawCheckpoint, opts: Options) -> dict:
 
 def _sources(raw: RawCheckpoint, cfg: dict, Xi: tuple[int, ...], opts: Options) -> tuple[list[str], list[str]]:
     exp = _experiment_config(raw, opts)
-    llms = (((exp.get("data") or {}).get("activations_harvester") or {}).get("llms")) if isinstance(exp.get("data"), dict) else None
+    data = exp.get("data") if isinstance(exp.get("data"), dict) else {}
+    harvester = data.get("activations_harvester") if isinstance(data.get("activations_harvester"), dict) else {}
+    llms = harvester.get("llms")
     cfg_models: list[str] = []
     if isinstance(llms, list):
         for llm in llms:

@@ -37,11 +37,13 @@ from .common import (
     Options,
     apply_scale,
     cfg_int,
+    cfg_number,
     complete_models,
     complete_sites,
     expect_shape,
     f32,
     require,
+    int_scalar,
     scalar,
     site_from_submodule,
 )
@@ -165,7 +167,7 @@ def _normaliser(raw: RawCheckpoint, S: int, d: int, opts: Options):
         if g.numel() != S:
             raise AtlasError(f"{raw.path}: activation_global_scale has {g.numel()} values for {S} sources; the file is inconsistent")
     else:
-        rms = scalar(raw.state["target_rms"]) if "target_rms" in raw.state else 1.0
+        rms = scalar(raw, "target_rms") if "target_rms" in raw.state else 1.0
         g = (rms / torch.sqrt((std.double() ** 2).sum(-1) + 1e-8)).float()
         opts.notes.append("activation_global_scale not stored: computed as target_rms / sqrt(Σ activation_std²)")
     return mean, g
@@ -246,7 +248,7 @@ def convert(raw: RawCheckpoint, opts: Options) -> Crosscoder:
             raise AtlasError(f"{raw.path}: threshold has shape {fmt_shape(th.shape)}; one inference threshold expected")
         cc.threshold = f32(th).reshape(())
         if "k" in raw.state:
-            cc.extra["k"] = int(scalar(raw.state["k"]))
+            cc.extra["k"] = int_scalar(raw, "k")
         if float(cc.threshold) < 0:
             opts.warnings.append(
                 f"BatchTopK threshold is {float(cc.threshold):g} (never calibrated): every positive activation counts, "
@@ -259,7 +261,7 @@ def convert(raw: RawCheckpoint, opts: Options) -> Crosscoder:
 
 def _code_normalisation(raw: RawCheckpoint, trainer: dict, opts: Options) -> str:
     if "code_normalization_id" in raw.state:
-        cid = int(scalar(raw.state["code_normalization_id"]))
+        cid = int_scalar(raw, "code_normalization_id")
         if cid not in CODE_NORMS:
             raise AtlasError(f"{raw.path}: unknown code_normalization_id {cid}; known: {CODE_NORMS}")
         return CODE_NORMS[cid]
@@ -286,8 +288,8 @@ def _code_norm_scale(code_norm: str, W_dec_sfd: torch.Tensor, trainer: dict, opt
         a_cc = kw.get("code_normalization_alpha_cc", trainer.get("code_normalization_alpha_cc"))
         if a_sae is None or a_cc is None:
             opts.notes.append("MIXED code normalisation weights not in the config: library defaults alpha_sae=1.0, alpha_cc=0.1")
-        a_sae = 1.0 if a_sae is None else float(a_sae)
-        a_cc = 0.1 if a_cc is None else float(a_cc)
+        a_sae = 1.0 if a_sae is None else cfg_number(a_sae, "code_normalization_alpha_sae", "config.json", float)
+        a_cc = 0.1 if a_cc is None else cfg_number(a_cc, "code_normalization_alpha_cc", "config.json", float)
         return W_dec_sfd.norm(dim=(0, 2)) * a_sae + per_source.sum(0) * a_cc
     return None  # NONE
 
@@ -337,6 +339,7 @@ def convert_sae(raw: RawCheckpoint, opts: Options) -> Crosscoder:
         W_dec = f32(dec).T.contiguous()  # [F, d]
         enc_b = st.get("encoder.bias")
         b_enc = f32(enc_b) if enc_b is not None else torch.zeros(F)
+        expect_shape(raw, "encoder.bias", b_enc, (F,), f"encoder.weight {fmt_shape(W.shape)}")
         if "r_mag" in st:  # GatedAutoEncoder ≡ JumpReLU on the magnitude path
             kind = "GatedAutoEncoder"
             offset = f32(require(raw, "decoder_bias", SAE_LABEL, 1))
@@ -361,7 +364,7 @@ def convert_sae(raw: RawCheckpoint, opts: Options) -> Crosscoder:
             b_dec = offset
             if "k" not in st:
                 raise AtlasError(f"{raw.path}: a TopK SAE without its k buffer; the file is incomplete")
-            k = int(scalar(st["k"]))
+            k = int_scalar(raw, "k")
             if "BatchTopK" in dict_class:
                 kind, act = "BatchTopKSAE", "batchtopk"
                 threshold = f32(require(raw, "threshold", SAE_LABEL, (0, 1))).reshape(())

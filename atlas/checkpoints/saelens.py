@@ -24,6 +24,7 @@ from .common import (
     Options,
     apply_scale,
     cfg_int,
+    cfg_number,
     complete_models,
     complete_sites,
     expect_shape,
@@ -61,6 +62,10 @@ def _architecture(cfg: dict, raw: RawCheckpoint) -> tuple[str, int | float | Non
         arch = "topk" if act_fn == "topk" else ("jumprelu" if "threshold" in raw.state else "standard")
     if arch == "topk" and k is None:
         k = kwargs.get("k")
+    if k is not None:
+        k = cfg_number(k, "k", raw.folder / "cfg.json", float)
+        if arch == "topk":
+            k = cfg_number(k, "k", raw.folder / "cfg.json", int)
     return str(arch), k
 
 
@@ -119,9 +124,15 @@ def convert(raw: RawCheckpoint, opts: Options) -> Crosscoder:
     elif arch in ("batchtopk", "matryoshka_batchtopk"):
         act = "batchtopk"
         if "topk_threshold" in st:
-            threshold = f32(st["topk_threshold"]).reshape(())
-        elif "threshold" in st:
-            threshold = f32(st["threshold"]).reshape(-1)[:1].reshape(())
+            threshold = f32(st["topk_threshold"])
+            if threshold.numel() != 1:
+                raise AtlasError(f"{raw.path}: topk_threshold has shape {fmt_shape(threshold.shape)}; one value expected")
+            threshold = threshold.reshape(())
+        elif "threshold" in st:  # saved for inference: the same value for every feature
+            threshold = f32(st["threshold"]).reshape(-1)
+            if threshold.numel() == 0 or not bool((threshold == threshold[0]).all()):
+                raise AtlasError(f"{raw.path}: a BatchTopK SAE with per-feature thresholds; set architecture to jumprelu in cfg.json")
+            threshold = threshold[0].reshape(())
         else:
             raise AtlasError(f"{raw.path}: a BatchTopK SAE without topk_threshold; save it with save_inference_model")
         if float(threshold) <= 0:
