@@ -26,13 +26,15 @@ def decoder_norms(W_dec: torch.Tensor) -> dict:
             "dec_cos": cos.float().cpu().numpy()}
 
 
-def nearest_neighbours(W_dec: torch.Tensor, n: int, chunk: int = 4096) -> dict:
+def nearest_neighbours(W_dec: torch.Tensor, n: int, chunk: int | None = None) -> dict:
     """Per feature, the ``n`` other features with the most similar decoder (all sources concatenated).
 
     ``neighbours[F, n]`` (int32, -1 where fewer than n others exist) and ``neighbour_cos[F, n]``
-    (NaN there), most similar first. Blockwise: ``chunk`` rows × F similarities at a time.
+    (NaN there), most similar first. Blockwise: ``chunk`` rows × F similarities at a time (by default
+    as many rows as keep a block near 2**24 values).
     """
     F = W_dec.shape[0]
+    chunk = chunk or max(1, min(F, 2**24 // max(F, 1)))
     flat = W_dec.reshape(F, -1).float()
     unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
     m = min(n, F - 1)

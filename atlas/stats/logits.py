@@ -11,7 +11,7 @@ import torch
 
 
 def logit_effects(W_dec: torch.Tensor, unembeddings: list[torch.Tensor], k: int, n_bins: int,
-                  max_elements: int = 2**24) -> dict:
+                  max_elements: int = 2**22) -> dict:
     """``W_dec[F, S, d]`` and per source ``U_s[d, V]`` → arrays of ``LogitEffects``.
 
     Effect of f on token t via s: ``W_dec[f, s] @ U_s[:, t]``. Top/bottom ``k`` tokens (largest first /
@@ -39,8 +39,8 @@ def logit_effects(W_dec: torch.Tensor, unembeddings: list[torch.Tensor], k: int,
             span = (mx - mn)[:, None]
             scaled = torch.where(span > 0, (eff - mn[:, None]) / span.clamp_min(1e-30), 0.0)
             bins = (scaled * n_bins).floor().clamp(0, n_bins - 1).to(torch.int64)
-            counts = torch.zeros(hi - lo, n_bins, dtype=torch.int64, device=eff.device)
-            counts.scatter_add_(1, bins, torch.ones_like(bins))
+            rows = torch.arange(hi - lo, device=eff.device)[:, None] * n_bins
+            counts = torch.bincount((bins + rows).view(-1), minlength=(hi - lo) * n_bins).view(hi - lo, n_bins)
             out["top_ids"][lo:hi, s] = top.indices.cpu().numpy()
             out["top_vals"][lo:hi, s] = top.values.cpu().numpy()
             out["bot_ids"][lo:hi, s] = bot.indices.cpu().numpy()
