@@ -382,9 +382,10 @@ def test_pages_workflow_installs_everything_render_imports(tmp_path):
     cache = write_synthetic_cache(tmp_path / "atlas-data", n_features=6, vocab_size=120, n_sequences=24, seq_len=40)
     code = (
         "import sys, json\n"
+        "startup = set(sys.modules)\n"  # what site-packages' .pth files load, before atlas
         "from atlas.cli import main\n"
         f"rc = main(['render', {str(cache)!r}, '-o', {str(tmp_path / 'site')!r}])\n"
-        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in set(sys.modules) - startup})))\n"
         "sys.exit(rc)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
