@@ -210,12 +210,12 @@ def run_analysis(crosscoder, models, tokens: torch.Tensor, options: AnalysisOpti
         window_before=options.window_before, window_after=options.window_after, logit_k=options.logit_k,
         n_neighbours=options.n_neighbours, seq_len=T, n_sequences=N, exclude_bos=options.exclude_bos,
     )
-    counted = counted_mask(tokens, models.bos_token_id, options.exclude_bos)
     fp = fingerprint(crosscoder, models.sources, tokens, options, settings, dtype)
     if options.reuse:
         manifest = _cached_manifest(cache_dir, fp)
         if manifest is not None:
             print(f"atlas: the analysis cache {cache_dir} was made from the same inputs; reusing it")
+            shutil.rmtree(cache_dir / STATE_DIR, ignore_errors=True)
             return manifest
 
     # resume, or start fresh
@@ -247,9 +247,8 @@ def run_analysis(crosscoder, models, tokens: torch.Tensor, options: AnalysisOpti
         input_scale = torch.ones(crosscoder.n_sources)  # inputs are normalised per token already
     elif state is None and scale_estimated:
         held = list(itertools.islice(stream, options.scale_batches))  # analysed right after
-        not_bos = counted_mask(tokens, models.bos_token_id, exclude_bos=True)  # BOS norms are outliers
-        input_scale, n_est = estimate_input_scale([x for *_, x in held],
-                                                  [not_bos[lo:hi] for _, lo, hi, _ in held])
+        input_scale, n_est = estimate_input_scale(  # BOS excluded: its norm is an outlier in most models
+            [x for *_, x in held], [counted_mask(tokens[lo:hi], models.bos_token_id, True) for _, lo, hi, _ in held])
         shown = ", ".join(f"{v:.4g}" for v in input_scale.tolist())
         print(f"atlas: the checkpoint has no input scale; estimated sqrt(d)/mean‖x‖ = [{shown}] per source "
               f"over {n_est:,} tokens (pass --scale to set it)")
@@ -259,21 +258,34 @@ def run_analysis(crosscoder, models, tokens: torch.Tensor, options: AnalysisOpti
 
     bar = tqdm(total=N * T, initial=min(batches_done * options.batch_size, N) * T, unit="tok", unit_scale=True,
                desc="analysing", disable=not options.progress, file=sys.stderr, dynamic_ncols=True)
-    since_save = 0
-    for b_idx, lo, hi, x in stream:
-        acts = encode(x)
-        del x
-        _check_finite(acts, "the crosscoder's feature activations", lo, hi,
-                      "check the checkpoint's weights and the input scale (--scale)")
-        summaries.update(acts, counted[lo:hi].to(acts.device), seq_offset=lo)
-        del acts
-        bar.update((hi - lo) * T)
-        since_save += 1
-        if since_save >= options.save_every and hi < N:
-            _save_state(state_path, {"fingerprint": fp, "batches_done": b_idx + 1,
-                                     "input_scale": crosscoder.input_scale, "summaries": summaries.state_dict()})
-            since_save = 0
-    bar.close()
+    since_save, done = 0, batches_done
+
+    def save(batches: int) -> None:
+        _save_state(state_path, {"fingerprint": fp, "batches_done": batches,
+                                 "input_scale": crosscoder.input_scale, "summaries": summaries.state_dict()})
+
+    try:
+        for b_idx, lo, hi, x in stream:
+            acts = encode(x)
+            del x
+            _check_finite(acts, "the crosscoder's feature activations", lo, hi,
+                          "check the checkpoint's weights and the input scale (--scale)")
+            counted = counted_mask(tokens[lo:hi], models.bos_token_id, options.exclude_bos).to(acts.device)
+            done = None  # the summaries are mid-update until the batch is folded in
+            summaries.update(acts, counted, seq_offset=lo)
+            done = b_idx + 1
+            del acts
+            bar.update((hi - lo) * T)
+            since_save += 1
+            if since_save >= options.save_every and hi < N:
+                save(done)
+                since_save = 0
+    except KeyboardInterrupt:
+        if done is not None and since_save:  # interrupted between batches: keep every finished batch
+            save(done)
+        raise
+    finally:
+        bar.close()
 
     # finish: weight-derived statistics, then the cache
     arrays = summaries.finalize()

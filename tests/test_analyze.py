@@ -191,15 +191,15 @@ def test_resume_after_interruption_gives_the_same_cache(diff_setup, diff_cache, 
             return self.inner.extract(ids, mask)
 
     options = dataclasses.replace(OPTIONS, save_every=2)
-    # the first 2 batches serve the scale estimate and the analysis; the 4th forward is interrupted,
-    # after the state of 2 batches was saved
+    # the first 2 batches serve the scale estimate and the analysis; the 4th forward is interrupted:
+    # the 3 finished batches are saved on the way out
     with pytest.raises(KeyboardInterrupt):
         run_analysis(cc, Interrupting(models, 3), tokens, options, tmp_path, CPU, torch.float32)
     state = torch.load(tmp_path / "state" / "summaries.pt", weights_only=True)
-    assert state["batches_done"] == 2
+    assert state["batches_done"] == 3
     resumed_models = Interrupting(models, 10**9)
     run_analysis(cc, resumed_models, tokens, options, tmp_path, CPU, torch.float32)
-    assert resumed_models.calls == 5 - 2  # 22 sequences = 5 batches, 2 done before; scale from the state
+    assert resumed_models.calls == 5 - 3  # 22 sequences = 5 batches, 3 done before; scale from the state
     assert not (tmp_path / "state").exists()
     resumed = read_cache(tmp_path)
     for part in ("features", "examples", "logits"):
@@ -210,6 +210,26 @@ def test_resume_after_interruption_gives_the_same_cache(diff_setup, diff_cache, 
     again = Interrupting(models, 0)
     run_analysis(cc, again, tokens, options, tmp_path, CPU, torch.float32)
     assert again.calls == 0
+
+
+def test_interrupt_inside_an_update_keeps_the_last_saved_state(diff_setup, tmp_path, monkeypatch):
+    from atlas.stats import FeatureSummaries
+
+    cc, models, tokens = diff_setup
+    real_update, calls = FeatureSummaries.update, []
+
+    def update(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            real_update(self, *args, **kwargs)  # the state is changed, then the interrupt arrives
+            raise KeyboardInterrupt
+        return real_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureSummaries, "update", update)
+    with pytest.raises(KeyboardInterrupt):
+        run_analysis(cc, models, tokens, dataclasses.replace(OPTIONS, save_every=2), tmp_path, CPU,
+                     torch.float32)
+    assert torch.load(tmp_path / "state" / "summaries.pt", weights_only=True)["batches_done"] == 2
 
 
 def test_feature_slice_and_bos_option(diff_setup, diff_cache, tmp_path, capsys):
