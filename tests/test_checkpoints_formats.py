@@ -597,3 +597,20 @@ def test_saelens_normalisation(tmp_path, normalize, scaler):
         return
     cc = load_checkpoint(path)
     assert_encode_matches(cc, x, ref_saelens("standard", sd, cfg, x[:, 0], scale=scaler))
+
+
+def test_no_path_means_demo_checkpoint(tmp_path, monkeypatch):
+    """``atlas build`` without a checkpoint loads the demo one: ckkissane format with model_names and
+    input_scale in its cfg."""
+    import atlas.demo
+
+    g = torch.Generator().manual_seed(60)
+    path = write_ckkissane(tmp_path, g, name="demo_crosscoder",
+                           cfg_extra={"model_names": ["demo:smollm2", "demo:smollm2-python"], "input_scale": [0.1, 0.2],
+                                      "hook_point": "blocks.12.hook_resid_post"})
+    monkeypatch.setattr(atlas.demo, "default_checkpoint", lambda: path)
+    cc = load_checkpoint(None)
+    assert cc.path == str(path)
+    assert [(s.model, s.site) for s in cc.sources] == [("demo:smollm2", "blocks.12.hook_resid_post"),
+                                                        ("demo:smollm2-python", "blocks.12.hook_resid_post")]
+    torch.testing.assert_close(cc.input_scale, torch.tensor([0.1, 0.2]))

@@ -73,6 +73,7 @@ def read_checkpoint(path, opts: Options) -> tuple[Crosscoder, RawCheckpoint, For
     raw = read_weights(weights)
     fmt = detect_format(raw)
     cc = fmt.convert(raw, opts)
+    raw.release()
     validate(cc, raw)
     cc.format = fmt.name
     cc.path = str(weights)

@@ -366,7 +366,9 @@ def weight_problems(cc: Crosscoder) -> list[str]:
     problems = []
     for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold", "input_scale", "act_scale"):
         t = getattr(cc, name)
-        if t is None or not t.is_floating_point():
+        if t is None or not t.is_floating_point() or t.numel() == 0:
+            continue
+        if bool(torch.isfinite(t.sum())):  # fast path: NaN/inf propagate through the sum
             continue
         bad = ~torch.isfinite(t)
         n_bad = int(bad.sum())
@@ -379,5 +381,5 @@ def weight_problems(cc: Crosscoder) -> list[str]:
 
 def zero_decoder_features(cc: Crosscoder) -> list[int]:
     """Features whose decoder vectors are exactly zero in every source."""
-    norms = cc.W_dec.reshape(cc.W_dec.shape[0], -1).abs().amax(dim=1)
-    return torch.nonzero(norms == 0).reshape(-1).tolist()
+    norms = cc.W_dec.norm(dim=-1)  # [F, S], no full-size temporary
+    return torch.nonzero((norms == 0).all(dim=1)).reshape(-1).tolist()

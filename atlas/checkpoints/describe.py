@@ -73,8 +73,8 @@ def describe(cc: Crosscoder, raw: RawCheckpoint, label: str, warnings: list[str]
     lines.append(f"Dictionary     {F:,} features, d_model {d}")
     lines.append(f"Shapes         W_enc {fmt_shape(cc.W_enc.shape)}  W_dec {fmt_shape(cc.W_dec.shape)}  "
                  f"b_enc {fmt_shape(cc.b_enc.shape)}  b_dec {fmt_shape(cc.b_dec.shape)}")
-    stored = sorted(raw.state.items())
-    tensors = ", ".join(f"{k} {fmt_shape(v.shape)}" for k, v in stored[:_MAX_TENSORS])
+    stored = sorted(raw.shapes.items())
+    tensors = ", ".join(f"{k} {fmt_shape(v)}" for k, v in stored[:_MAX_TENSORS])
     if len(stored) > _MAX_TENSORS:
         tensors += f", … ({len(stored)} tensors)"
     lines.append(f"Stored         {tensors}")

@@ -45,14 +45,19 @@ class RawCheckpoint:
     state: dict[str, torch.Tensor]  # prefixes stripped, original dtypes
     meta: dict = field(default_factory=dict)  # non-tensor entries stored beside the tensors
     stored_dtypes: tuple[str, ...] = ()
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every stored tensor's shape
+
+    def __post_init__(self):
+        if not self.shapes:
+            self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
 
     @property
     def folder(self) -> Path:
         return self.path.parent
 
-    def shape(self, key: str) -> tuple[int, ...] | None:
-        t = self.state.get(key)
-        return tuple(t.shape) if t is not None else None
+    def release(self) -> None:
+        """Drop the stored tensors once converted (the canonical copies are float32)."""
+        self.state = {}
 
 
 def fmt_shape(shape) -> str:
