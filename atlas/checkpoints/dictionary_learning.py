@@ -174,10 +174,10 @@ def _normaliser(raw: RawCheckpoint, S: int, d: int, opts: Options):
 
 
 def _fold_mean(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, mean: torch.Tensor, g: torch.Tensor):
-    """Fold ``x − mean`` (inputs scaled by g afterwards) into the biases, in float64."""
-    offset = mean.double() * g.double()[:, None]  # [S, d]
-    b_enc = (b_enc.double() - torch.einsum("sd,sdf->f", offset, W_enc.double())).float()
-    b_dec = (b_dec.double() + offset).float()
+    """Fold ``x − mean`` (inputs scaled by g afterwards) into the biases (no copy of ``W_enc``)."""
+    offset = mean * g[:, None]  # [S, d]
+    b_enc = b_enc - torch.einsum("sd,sdf->f", offset, W_enc)
+    b_dec = b_dec + offset
     return b_enc, b_dec
 
 
@@ -386,7 +386,7 @@ def convert_sae(raw: RawCheckpoint, opts: Options) -> Crosscoder:
             )
         if offset is not None:
             expect_shape(raw, "decoder bias", offset, (d,), f"encoder.weight {fmt_shape(W.shape)}")
-            b_enc = (b_enc.double() - offset.double() @ W_enc.double()).float()  # encode(x − offset)
+            b_enc = b_enc - offset @ W_enc  # encode(x − offset)
     expect_shape(raw, "encoder bias", b_enc, (F,), f"the encoder weight ({F} features)")
     expect_shape(raw, "decoder bias", b_dec, (d,), f"the encoder weight (d_model {d})")
     if cfg_path is not None and cfg_path != raw.path:

@@ -153,7 +153,7 @@ def convert(raw: RawCheckpoint, opts: Options) -> Crosscoder:
 
     apply_b_dec = cfg.get("apply_b_dec_to_input", True)
     if apply_b_dec:
-        b_enc = (b_enc.double() - b_dec.double() @ W_enc.double()).float()
+        b_enc = b_enc - b_dec @ W_enc
         opts.notes.append("apply_b_dec_to_input: encode(x − b_dec) folded into b_enc")
 
     if _get(cfg, "hook_head_index") is not None:
