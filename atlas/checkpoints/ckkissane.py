@@ -24,6 +24,8 @@ import torch
 from ..crosscoder import Crosscoder, Source
 from ..errors import AtlasError
 from .common import (
+    UNKNOWN_MODEL,
+    UNKNOWN_SITE,
     Options,
     apply_scale,
     cfg_int,
@@ -118,8 +120,6 @@ def _sources(S: int, cfg: dict, cfg_file, cfg_desc: str, raw: RawCheckpoint, opt
         )
         return [Source(model, layer_site(i, str(cfg["site"]))) for i in range(S)]
     if not opts.strict:
-        from .common import UNKNOWN_MODEL, UNKNOWN_SITE
-
         return [Source(UNKNOWN_MODEL, UNKNOWN_SITE) for _ in range(S)]
     if cfg_file is None:
         raise AtlasError(
