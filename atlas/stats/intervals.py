@@ -12,8 +12,9 @@ entries with the smallest keys. The kept set is a uniform random k-subset of the
 It stays exact in one pass although the maximum is only known at the end: when a feature's maximum
 passes ``M``, ``M`` doubles and bins ``2j`` and ``2j + 1`` merge into bin ``j`` (the bottom-k of a union
 is the bottom-k of the two bottom-k sets); the bins nest exactly because ``M`` is a power of two. Shards
-merge the same way. Updates work on the batch's nonzero entries only: group by (feature, bin), sort by
-key, rank within group, and keep rank < k; then union with the bin's current slots.
+merge the same way. Updates work on the batch's nonzero entries only: drop entries whose key cannot
+beat a full bin's largest kept key, group the rest by (feature, bin), sort by key, rank within group,
+keep rank < k, and union with the bin's current slots.
 
 Writer: :mod:`atlas.analyze`; ``finalize`` gives the ``iv_*`` fields of ``atlas.cache.Examples``.
 """
@@ -92,11 +93,14 @@ class IntervalSamples:
         seq = nz_b + seq_offset
         keys = interval_keys(self.seed, seq * T + nz_pos, nz_f)
         bins = value_bins(nz_vals, self.exponent[nz_f], self.G)
+        # only keys below a full bin's largest kept key can enter (a bin with a free slot has max EMPTY)
+        hope = (keys < self.key.amax(dim=2)[nz_f, bins]).nonzero(as_tuple=True)[0]
+        b, pos, f, vals = nz_b[hope], nz_pos[hope], nz_f[hope], nz_vals[hope]
 
         def windows(entries):
-            return gather_windows(acts, nz_b[entries], nz_pos[entries], nz_f[entries], self.before, self.after)
+            return gather_windows(acts, b[entries], pos[entries], f[entries], self.before, self.after)
 
-        self._insert(nz_f, bins, keys, seq, nz_pos, nz_vals, windows)
+        self._insert(f, bins[hope], keys[hope], seq[hope], pos, vals, windows)
 
     def merge(self, other: "IntervalSamples") -> "IntervalSamples":
         """``self`` ⊕ ``other`` (in place; returns self). ``other`` is rescaled on a copy."""
