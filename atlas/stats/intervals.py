@@ -6,7 +6,8 @@ twice the final maximum, so at least ``n_intervals`` bins lie within ``(0, max]`
 ``(g * w, (g + 1) * w]`` with ``w = M / G``.
 
 Sampling is bottom-k priority sampling: every (token, feature) gets a random key, a deterministic
-function of ``(seed, global token index, feature)`` (:func:`interval_keys`), and each bin keeps the k
+function of ``(seed, global token index, feature id)`` (:func:`interval_keys`; the id in the whole
+dictionary, so a feature slice samples what the whole run samples), and each bin keeps the k
 entries with the smallest keys. The kept set is a uniform random k-subset of the tokens in the bin.
 
 It stays exact in one pass although the maximum is only known at the end: when a feature's maximum
@@ -71,8 +72,9 @@ class IntervalSamples:
     FIELDS = ("key", "seq", "pos", "act", "window", "exponent")
 
     def __init__(self, n_features: int, n_intervals: int, k: int, before: int, after: int, seed: int,
-                 device=None):
+                 device=None, feature_offset: int = 0):
         self.G, self.k, self.before, self.after, self.seed = 2 * n_intervals, k, before, after, seed
+        self.feature_offset = feature_offset  # id of feature 0 here in the whole dictionary (keys use ids)
         shape = (n_features, self.G, k)
         self.key = torch.full(shape, EMPTY, dtype=torch.int64, device=device)
         self.seq = torch.full(shape, -1, dtype=torch.int64, device=device)
@@ -91,7 +93,7 @@ class IntervalSamples:
         new_exp = torch.where(batch_max > 0, power_of_two_exponent(batch_max), UNSET)
         self._rescale(torch.maximum(self.exponent, new_exp))
         seq = nz_b + seq_offset
-        keys = interval_keys(self.seed, seq * T + nz_pos, nz_f)
+        keys = interval_keys(self.seed, seq * T + nz_pos, nz_f + self.feature_offset)
         bins = value_bins(nz_vals, self.exponent[nz_f], self.G)
         # only keys below a full bin's largest kept key can enter (a bin with a free slot has max EMPTY)
         hope = (keys < self.key.amax(dim=2)[nz_f, bins]).nonzero(as_tuple=True)[0]

@@ -15,16 +15,18 @@ from .top import TopExamples
 
 
 class FeatureSummaries:
-    """Scalars and histograms, top examples, and interval samples of ``n_features`` features."""
+    """Scalars and histograms, top examples, and interval samples of ``n_features`` features.
 
-    def __init__(self, n_features: int, settings, seed: int, device=None):
+    ``feature_offset`` is the id of the first of them in the whole dictionary (a feature slice)."""
+
+    def __init__(self, n_features: int, settings, seed: int, device=None, feature_offset: int = 0):
         self.settings = settings
         self.seed = seed
         before, after = settings.window_before, settings.window_after
         self.scalars = ScalarStats(n_features, settings.hist_edges(), device=device)
         self.top = TopExamples(n_features, settings.top_k, before, after, device=device)
         self.intervals = IntervalSamples(n_features, settings.n_intervals, settings.interval_k, before, after,
-                                         seed, device=device)
+                                         seed, device=device, feature_offset=feature_offset)
 
     def update(self, acts: torch.Tensor, counted: torch.Tensor, seq_offset: int) -> None:
         """Fold a batch: ``acts[B, T, F]`` (float32) of sequences ``seq_offset + b`` and ``counted[B, T]``
