@@ -6,11 +6,25 @@ summaries on the device (:mod:`atlas.stats`); the batch is then dropped, so memo
 the corpus. At the end it adds the weight-derived statistics (decoder geometry, logit effects) and
 writes the cache folder (:mod:`atlas.cache`).
 
-Resume files (read and written here only): ``<cache>/state/summaries.pt``, a ``torch.save`` dict with
-``fingerprint`` (hash of every input that shapes the result), ``batches_done``, ``input_scale`` and the
-summaries' ``state_dict``. It is replaced atomically every ``save_every`` batches; a rerun with the same
-inputs continues after the last saved batch and ends with the same cache as an uninterrupted run. The
-folder is removed once the cache is complete.
+The steps, in :func:`run_analysis`: :func:`prepare` (check options, fingerprint the inputs, choose the
+features and this process's batches: a :class:`Plan`) → :func:`_resume` → :func:`_input_scale` →
+:func:`_fold` (stream a range of batches into the summaries) → combine ranks (torchrun) → finish:
+:func:`assemble` + :func:`write_analysis_cache`, or :func:`atlas.merge.write_shard` for ``--shard``.
+The same code runs one process, each rank of a torchrun job (:mod:`atlas.distributed`: ranks take
+contiguous ranges of batches, rank 0 merges and writes) and each job of a scheduler array
+(``--shard K/N``: a shard that ``atlas merge`` completes). Batches are always the same global batches
+(``batch_size`` sequences each), so every arrangement folds the same numbers and gives the same cache.
+
+Features: ``--n-features N`` analyses features ``0..N-1`` with neighbours searched among them;
+``--features A:B`` (wins) analyses ``A..B-1`` (``Manifest.feature_offset = A``) with neighbours searched
+among the whole dictionary, so slices concatenated by ``atlas merge`` equal one whole run.
+
+Resume files (read and written here only): ``<cache>/state/summaries.pt`` (under torchrun one per rank,
+``summaries.rank<r>-of-<n>.pt``), a ``torch.save`` dict with ``fingerprint`` (hash of every input that
+shapes the result), ``batches_done`` (the global index of the next batch), ``batches`` (this process's
+range), ``input_scale`` and the summaries' ``state_dict``. It is replaced atomically every ``save_every``
+batches; a rerun with the same inputs (and the same number of ranks) continues after the last saved batch
+and ends with the same cache as an uninterrupted run. The folder is removed once the cache is complete.
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -29,6 +44,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import cache as cache_format
@@ -40,9 +56,11 @@ STATE_FILE = "summaries.pt"
 
 @dataclass
 class AnalysisOptions:
-    """What to compute. ``n_features`` 0 means all features; the first ``n_features`` are analysed."""
+    """What to compute. ``n_features`` 0 means all features; the first ``n_features`` are analysed.
+    ``features = (A, B)`` analyses features A..B-1 instead (a slice of the dictionary; wins)."""
 
     n_features: int = 50
+    features: tuple[int, int] | None = None
     batch_size: int = 16
     top_k: int = 20
     exclude_bos: bool = True
@@ -61,38 +79,70 @@ class AnalysisOptions:
     reuse: bool = True  # keep a complete cache made from the same inputs
 
 
-def slice_features(crosscoder, n: int):
-    """A copy of ``crosscoder`` restricted to its first ``n`` features (per-feature tensors sliced)."""
+def slice_features(crosscoder, n: int, first: int = 0):
+    """A copy of ``crosscoder`` restricted to features ``first .. first+n-1`` (per-feature tensors sliced)."""
     def cut(t, axis):
         if t is None or t.ndim == 0:
             return t
-        return t.narrow(axis, 0, n)
+        return t.narrow(axis, first, n)
 
     return dataclasses.replace(
         crosscoder,
-        W_enc=crosscoder.W_enc[..., :n], W_dec=crosscoder.W_dec[:n], b_enc=crosscoder.b_enc[:n],
+        W_enc=crosscoder.W_enc[..., first:first + n], W_dec=crosscoder.W_dec[first:first + n],
+        b_enc=crosscoder.b_enc[first:first + n],
         threshold=cut(crosscoder.threshold, 0), act_scale=cut(crosscoder.act_scale, 0),
         extra=dict(crosscoder.extra),
     )
 
 
 class FeatureEncoder:
-    """Encodes ``x[B, T, S, d]`` into the analysed features' activations ``[B, T, n]`` (float32).
+    """Encodes ``x[B, T, S, d]`` into the activations ``[B, T, n]`` (float32) of features ``first..stop-1``.
 
     TopK crosscoders choose among all features, so they are encoded whole and sliced after.
     """
 
-    def __init__(self, crosscoder, n: int, device, dtype):
-        self.n = n
-        whole = crosscoder.activation == "topk"
-        cc = dataclasses.replace(crosscoder) if whole else slice_features(crosscoder, n)
+    def __init__(self, crosscoder, first: int, stop: int, device, dtype):
+        self.first, self.stop, self.n = first, stop, stop - first
+        self.whole = crosscoder.activation == "topk"
+        cc = dataclasses.replace(crosscoder) if self.whole else slice_features(crosscoder, self.n, first)
         self.crosscoder = cc.to(device=device, dtype=dtype)
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        """The analysed features' decoder rows ``[n, S, d]`` (device and dtype of the encode)."""
+        return self.crosscoder.W_dec[self.first:self.stop] if self.whole else self.crosscoder.W_dec
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         B, T, S, d = x.shape
         with torch.inference_mode():
-            f = self.crosscoder.encode(x.reshape(B * T, S, d))[:, : self.n]
+            f = self.crosscoder.encode(x.reshape(B * T, S, d))
+            if self.whole:
+                f = f[:, self.first:self.stop]
         return f.float().reshape(B, T, self.n)
+
+
+def parse_feature_range(spec: str) -> tuple[int, int]:
+    """``"A:B"`` → ``(A, B)`` (``--features``)."""
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(spec))
+    if not m:
+        raise AtlasError(f"--features {spec!r} is not a range A:B: pass e.g. --features 0:4096 (features 0..4095)")
+    first, stop = int(m.group(1)), int(m.group(2))
+    if stop <= first:
+        raise AtlasError(f"--features {spec} is empty: pass A:B with A < B (features A..B-1)")
+    return first, stop
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"K/N"`` → ``(K, N)`` (``--shard``; K counts from 0)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(spec))
+    if not m:
+        raise AtlasError(f"--shard {spec!r} is not K/N: pass e.g. --shard 0/8 (the first of 8 shards; K counts "
+                         "from 0, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=0-7)")
+    k, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or k >= n:
+        raise AtlasError(f"--shard {spec}: K must be 0..N-1 (shards count from 0): pass --shard 0/{max(n, 1)} "
+                         f"to --shard {max(n, 1) - 1}/{max(n, 1)}")
+    return k, n
 
 
 def _sample_bytes(t: torch.Tensor | None, n: int = 65536) -> bytes:
@@ -103,8 +153,9 @@ def _sample_bytes(t: torch.Tensor | None, n: int = 65536) -> bytes:
     return repr(tuple(t.shape)).encode() + flat[::step].float().cpu().numpy().tobytes()
 
 
-def fingerprint(crosscoder, sources, tokens: torch.Tensor, options: AnalysisOptions, settings, dtype) -> str:
-    """Hash of every input that shapes the analysis (weights sampled, tokens whole)."""
+def inputs_fingerprint(crosscoder, sources, tokens: torch.Tensor, options: AnalysisOptions, settings, dtype) -> str:
+    """Hash of every input that shapes the analysis (weights sampled, tokens whole) except which features are
+    analysed: feature slices of one analysis share it (:func:`fingerprint` adds the features)."""
     from . import __version__
 
     h = hashlib.blake2b(digest_size=16)
@@ -115,12 +166,17 @@ def fingerprint(crosscoder, sources, tokens: torch.Tensor, options: AnalysisOpti
     meta = {
         "version": __version__, "format": cache_format.FORMAT_VERSION, "activation": crosscoder.activation,
         "k": crosscoder.k, "sources": [[s.model, s.site] for s in sources],
-        "options": {k: v for k, v in dataclasses.asdict(options).items() if k not in ("progress", "reuse",
-                                                                                     "save_every", "dataset")},
+        "options": {k: v for k, v in dataclasses.asdict(options).items()
+                    if k not in ("progress", "reuse", "save_every", "dataset", "n_features", "features")},
         "settings": dataclasses.asdict(settings), "dtype": str(dtype),
     }
     h.update(json.dumps(meta, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def fingerprint(inputs_fp: str, first: int, stop: int, among: int) -> str:
+    """Hash of the inputs and the features: ``first..stop-1``, neighbours searched among ``0..among-1``."""
+    return hashlib.blake2b(f"{inputs_fp}:{first}:{stop}:{among}".encode(), digest_size=16).hexdigest()
 
 
 def counted_mask(tokens: torch.Tensor, bos_token_id: int | None, exclude_bos: bool) -> torch.Tensor:
@@ -137,17 +193,26 @@ def _check_finite(x: torch.Tensor, what: str, lo: int, hi: int, fix: str) -> Non
     raise AtlasError(f"{what} hold NaN or inf values in sequences {lo}..{hi - 1}: {fix}")
 
 
-def estimate_input_scale(batches: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Per source ``sqrt(d) / mean ‖x‖`` over the masked tokens of activation batches ``x[B, T, S, d]``."""
+def scale_contribution(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """One batch's share of the input-scale estimate: (sum of ‖x‖ per source over the masked tokens, count)."""
+    norms = x.float().norm(dim=-1)[mask.to(x.device)]  # [n, S]
+    return norms.sum(0).cpu(), int(norms.shape[0])
+
+
+def combine_scale(contributions: list[tuple[torch.Tensor, int]], d: int) -> tuple[torch.Tensor, int]:
+    """Per source ``sqrt(d) / mean ‖x‖`` from batches' contributions, added in batch order."""
     total, count = None, 0
-    for x, mask in zip(batches, masks):
-        norms = x.float().norm(dim=-1)[mask.to(x.device)]  # [n, S]
-        total = norms.sum(0) if total is None else total + norms.sum(0)
-        count += norms.shape[0]
+    for s, c in contributions:
+        total = s if total is None else total + s
+        count += c
     if not count:
         raise AtlasError("no tokens to estimate the input scale from: pass --scale, or a larger --n-samples")
-    d = batches[0].shape[-1]
-    return (math.sqrt(d) / (total / count)).cpu(), count
+    return math.sqrt(d) / (total / count), count
+
+
+def estimate_input_scale(batches: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Per source ``sqrt(d) / mean ‖x‖`` over the masked tokens of activation batches ``x[B, T, S, d]``."""
+    return combine_scale([scale_contribution(x, m) for x, m in zip(batches, masks)], batches[0].shape[-1])
 
 
 def _save_state(path: Path, state: dict) -> None:
@@ -187,20 +252,93 @@ def _cached_manifest(cache_dir: Path, fp: str):
     return None
 
 
-@torch.inference_mode()
-def run_analysis(crosscoder, models, tokens: torch.Tensor, options: AnalysisOptions, cache_dir: Path,
-                 device, dtype) -> "cache_format.Manifest":
-    """Analyse ``tokens`` and write the cache to ``cache_dir``; returns its manifest (see module docstring)."""
-    from tqdm.auto import tqdm
+@dataclass
+class Plan:
+    """Everything fixed before the first batch: inputs, the analysed features, the batches of this process.
 
-    from .stats import FeatureSummaries, decoder_norms, logit_effects, nearest_neighbours
+    The corpus is cut into batches of ``options.batch_size`` sequences (batch b holds sequences
+    ``b·B .. (b+1)·B - 1``); ``job`` is the range of batches of this analysis (all, or one ``--shard``),
+    ``mine`` the part of it this process folds (all of it, or one torchrun rank's contiguous share).
+    Features ``first .. stop-1`` are analysed; their nearest neighbours are searched among features
+    ``0 .. among-1`` (the analysed ones for ``--n-features``, the whole dictionary for ``--features``).
+    """
 
-    start = time.perf_counter()
-    cache_dir = Path(cache_dir)
+    crosscoder: object
+    models: object
+    tokens: torch.Tensor
+    options: AnalysisOptions
+    settings: object
+    device: torch.device
+    dtype: torch.dtype
+    first: int
+    stop: int
+    among: int
+    inputs_fingerprint: str
+    fingerprint: str
+    job: tuple[int, int]
+    mine: tuple[int, int]
+    comm: object = None  # atlas.distributed.Comm under torchrun
+    shard: tuple[int, int] | None = None  # (K, N) for --shard K/N
+
+    @property
+    def n_features(self) -> int:
+        return self.stop - self.first
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.tokens.shape[0] // self.options.batch_size)
+
+    @property
+    def lead(self) -> bool:
+        """Whether this process writes (rank 0 under torchrun; the only process otherwise)."""
+        return self.comm is None or self.comm.rank == 0
+
+    def sequences(self, b: int) -> tuple[int, int]:
+        lo = b * self.options.batch_size
+        return lo, min(lo + self.options.batch_size, self.tokens.shape[0])
+
+    def new_summaries(self):
+        from .stats import FeatureSummaries
+
+        return FeatureSummaries(self.n_features, self.settings, self.options.seed, device=self.device,
+                                feature_offset=self.first)
+
+    def state_path(self, cache_dir: Path) -> Path:
+        name = STATE_FILE if self.comm is None else f"summaries.rank{self.comm.rank}-of-{self.comm.world}.pt"
+        return Path(cache_dir) / STATE_DIR / name
+
+    def say(self, message: str) -> None:
+        if self.lead:
+            print(message)
+
+
+def split_range(lo: int, hi: int, index: int, count: int) -> tuple[int, int]:
+    """Part ``index`` of ``count`` contiguous, nearly equal parts of ``lo .. hi-1``."""
+    n = hi - lo
+    return lo + n * index // count, lo + n * (index + 1) // count
+
+
+def feature_range(crosscoder, options: AnalysisOptions) -> tuple[int, int, int]:
+    """``(first, stop, among)``: the analysed features and the features their neighbours are searched in."""
     F_total = crosscoder.n_features
+    if options.features is not None:
+        first, stop = options.features
+        if not 0 <= first < stop:
+            raise AtlasError(f"--features {first}:{stop} is empty: pass A:B with 0 <= A < B")
+        if stop > F_total:
+            raise AtlasError(f"--features {first}:{stop} goes past the dictionary's {F_total} features: "
+                             f"pass B at most {F_total}")
+        return first, stop, F_total
     if options.n_features < 0:
         raise AtlasError(f"--n-features must be 0 (all) or positive (got {options.n_features})")
     n = min(options.n_features or F_total, F_total)
+    return 0, n, n
+
+
+def prepare(crosscoder, models, tokens: torch.Tensor, options: AnalysisOptions, device, dtype, comm=None,
+            shard: tuple[int, int] | None = None) -> Plan:
+    """Check the options and fix what this process analyses (see :class:`Plan`)."""
+    first, stop, among = feature_range(crosscoder, options)
     if options.batch_size < 1:
         raise AtlasError(f"--batch-size must be at least 1 (got {options.batch_size})")
     tokens = torch.as_tensor(tokens, dtype=torch.long).cpu()
@@ -210,59 +348,113 @@ def run_analysis(crosscoder, models, tokens: torch.Tensor, options: AnalysisOpti
         window_before=options.window_before, window_after=options.window_after, logit_k=options.logit_k,
         n_neighbours=options.n_neighbours, seq_len=T, n_sequences=N, exclude_bos=options.exclude_bos,
     )
-    fp = fingerprint(crosscoder, models.sources, tokens, options, settings, dtype)
-    if options.reuse:
-        manifest = _cached_manifest(cache_dir, fp)
-        if manifest is not None:
-            print(f"atlas: the analysis cache {cache_dir} was made from the same inputs; reusing it")
-            shutil.rmtree(cache_dir / STATE_DIR, ignore_errors=True)
-            return manifest
+    inputs_fp = inputs_fingerprint(crosscoder, models.sources, tokens, options, settings, dtype)
+    fp = fingerprint(inputs_fp, first, stop, among)
+    if comm is not None and len(set(comm.all_gather(fp))) > 1:
+        raise AtlasError("the torchrun ranks were given different inputs (checkpoint, corpus or options): "
+                         "start every rank with the same atlas command and files")
+    n_batches = -(-N // options.batch_size)
+    job = split_range(0, n_batches, *shard) if shard is not None else (0, n_batches)
+    mine = split_range(*job, comm.rank, comm.world) if comm is not None else job
+    return Plan(crosscoder=crosscoder, models=models, tokens=tokens, options=options, settings=settings,
+                device=device, dtype=dtype, first=first, stop=stop, among=among, inputs_fingerprint=inputs_fp,
+                fingerprint=fp, job=job, mine=mine, comm=comm, shard=shard)
 
-    # resume, or start fresh
-    state_path = cache_dir / STATE_DIR / STATE_FILE
-    state = _load_state(state_path, fp, device)
-    summaries = FeatureSummaries(n, settings, options.seed, device=device)
-    batches_done = 0
-    scale_estimated = crosscoder.input_scale is None
-    input_scale = crosscoder.input_scale
-    if state is not None:
+
+def _reusable(plan: Plan, cache_dir: Path):
+    """The manifest of a finished result of the same inputs in ``cache_dir`` (cache or shard), else None."""
+    found = None
+    if plan.lead:
+        if plan.shard is not None:
+            from .merge import finished_shard
+
+            found = finished_shard(cache_dir, plan.fingerprint, plan.shard)
+        else:
+            found = _cached_manifest(cache_dir, plan.fingerprint)
+    if plan.comm is not None:
+        found = plan.comm.broadcast(found)
+    if found is not None:
+        what = f"shard {plan.shard[0]}/{plan.shard[1]}" if plan.shard else "analysis cache"
+        plan.say(f"atlas: the {what} in {cache_dir} was made from the same inputs; reusing it")
+        if plan.lead:
+            shutil.rmtree(Path(cache_dir) / STATE_DIR, ignore_errors=True)
+    return found
+
+
+def _resume(plan: Plan, cache_dir: Path):
+    """``(summaries, next batch, stored input scale or None)``: from this process's resume file, or fresh."""
+    summaries = plan.new_summaries()
+    path = plan.state_path(cache_dir)
+    state = _load_state(path, plan.fingerprint, plan.device)
+    if state is not None and state.get("batches", list(plan.mine)) == list(plan.mine) \
+            and plan.mine[0] <= int(state["batches_done"]) <= plan.mine[1]:
         summaries.load_state_dict(state["summaries"])
-        batches_done = int(state["batches_done"])
-        input_scale = state["input_scale"]
-        print(f"atlas: resuming the analysis after batch {batches_done} (from {state_path})")
-    # stream: extract → (estimate the input scale from the first batches) → encode → fold
-    starts = list(range(0, N, options.batch_size))
+        done = int(state["batches_done"])
+        who = f" on rank {plan.comm.rank}" if plan.comm is not None else ""
+        print(f"atlas: resuming the analysis{who} after batch {done} (from {path})")
+        return summaries, done, state["input_scale"]
+    return summaries, plan.mine[0], None
 
-    def extracted(first: int):
-        for b_idx in range(first, len(starts)):
-            lo = starts[b_idx]
-            hi = min(lo + options.batch_size, N)
-            ids = tokens[lo:hi]
-            x = models.extract(ids, torch.ones_like(ids))
-            _check_finite(x, "the models' activations", lo, hi, "try --dtype float32")
-            yield b_idx, lo, hi, x
 
-    stream = extracted(batches_done)
-    if state is None and scale_estimated and crosscoder.input_norm is not None:
-        input_scale = torch.ones(crosscoder.n_sources)  # inputs are normalised per token already
-    elif state is None and scale_estimated:
-        held = list(itertools.islice(stream, options.scale_batches))  # analysed right after
-        input_scale, n_est = estimate_input_scale(  # BOS excluded: its norm is an outlier in most models
-            [x for *_, x in held], [counted_mask(tokens[lo:hi], models.bos_token_id, True) for _, lo, hi, _ in held])
-        shown = ", ".join(f"{v:.4g}" for v in input_scale.tolist())
-        print(f"atlas: the checkpoint has no input scale; estimated sqrt(d)/mean‖x‖ = [{shown}] per source "
-              f"over {n_est:,} tokens (pass --scale to set it)")
-        stream = itertools.chain(held, stream)
-    crosscoder = dataclasses.replace(crosscoder, input_scale=torch.as_tensor(input_scale, dtype=torch.float32))
-    encode = FeatureEncoder(crosscoder, n, device, dtype)
+def _extracted(plan: Plan, batches):
+    """``(b, lo, hi, x)`` for each batch index ``b`` in ``batches``: the sources' activations of its sequences."""
+    for b in batches:
+        lo, hi = plan.sequences(b)
+        ids = plan.tokens[lo:hi]
+        x = plan.models.extract(ids, torch.ones_like(ids))
+        _check_finite(x, "the models' activations", lo, hi, "try --dtype float32")
+        yield b, lo, hi, x
 
-    bar = tqdm(total=N * T, initial=min(batches_done * options.batch_size, N) * T, unit="tok", unit_scale=True,
-               desc="analysing", disable=not options.progress, file=sys.stderr, dynamic_ncols=True)
-    since_save, done = 0, batches_done
+
+def _input_scale(plan: Plan, stored, stream):
+    """``(input scale [S], stream)``: the checkpoint's, the resume file's, or estimated (see below).
+
+    The estimate is ``sqrt(d) / mean‖x‖`` per source over the counted non-BOS tokens of the corpus's first
+    ``scale_batches`` batches, whoever analyses them: this process's own batches among them are held and
+    analysed right after (no extra forward); batches of another shard are extracted for the estimate only;
+    torchrun ranks exchange their per-batch sums. Every process thus uses the scale a single run would.
+    """
+    cc, models = plan.crosscoder, plan.models
+    if cc.input_scale is not None:
+        return cc.input_scale, stream
+    if cc.input_norm is not None:
+        return torch.ones(cc.n_sources), stream  # inputs are normalised per token already
+    n_scale = min(plan.options.scale_batches, plan.n_batches)
+    contributions, held = {}, []
+    if stored is None:  # a fresh start: this process's stream begins at its first batch
+        held = list(itertools.islice(stream, max(0, min(plan.mine[1], n_scale) - plan.mine[0])))
+        outside = [b for b in range(n_scale) if not plan.job[0] <= b < plan.job[1]] if plan.lead else []
+        for b, lo, hi, x in held + list(_extracted(plan, outside)):
+            contributions[b] = scale_contribution(x, counted_mask(plan.tokens[lo:hi], models.bos_token_id, True))
+    if plan.comm is not None:
+        gathered = plan.comm.all_gather((stored, contributions))
+        stored = next((s for s, _ in gathered if s is not None), None)
+        contributions = {b: c for _, part in gathered for b, c in part.items()}
+    if stored is not None:
+        return stored, itertools.chain(held, stream)
+    input_scale, n_est = combine_scale([contributions[b] for b in range(n_scale)], cc.d_model)
+    shown = ", ".join(f"{v:.4g}" for v in input_scale.tolist())
+    plan.say(f"atlas: the checkpoint has no input scale; estimated sqrt(d)/mean‖x‖ = [{shown}] per source "
+             f"over {n_est:,} tokens (pass --scale to set it)")
+    return input_scale, itertools.chain(held, stream)
+
+
+def _fold(plan: Plan, summaries, stream, encode, state_path: Path, input_scale, first_batch: int) -> None:
+    """Encode each extracted batch and fold it into ``summaries``; save the resume file on the way."""
+    from tqdm.auto import tqdm
+
+    T, B, N = plan.tokens.shape[1], plan.options.batch_size, plan.tokens.shape[0]
+    lo_seq = min(plan.mine[0] * B, N)
+    hi_seq = max(lo_seq, min(plan.mine[1] * B, N))
+    bar = tqdm(total=(hi_seq - lo_seq) * T, initial=(min(first_batch * B, hi_seq) - lo_seq) * T, unit="tok",
+               unit_scale=True, desc="analysing", disable=not (plan.options.progress and plan.lead),
+               file=sys.stderr, dynamic_ncols=True)
+    since_save, done = 0, first_batch
 
     def save(batches: int) -> None:
-        _save_state(state_path, {"fingerprint": fp, "batches_done": batches,
-                                 "input_scale": crosscoder.input_scale, "summaries": summaries.state_dict()})
+        _save_state(state_path, {"fingerprint": plan.fingerprint, "batches_done": batches,
+                                 "batches": list(plan.mine), "input_scale": input_scale,
+                                 "summaries": summaries.state_dict()})
 
     try:
         for b_idx, lo, hi, x in stream:
@@ -270,14 +462,15 @@ def run_analysis(crosscoder, models, tokens: torch.Tensor, options: AnalysisOpti
             del x
             _check_finite(acts, "the crosscoder's feature activations", lo, hi,
                           "check the checkpoint's weights and the input scale (--scale)")
-            counted = counted_mask(tokens[lo:hi], models.bos_token_id, options.exclude_bos).to(acts.device)
+            counted = counted_mask(plan.tokens[lo:hi], plan.models.bos_token_id,
+                                   plan.options.exclude_bos).to(acts.device)
             done = None  # the summaries are mid-update until the batch is folded in
             summaries.update(acts, counted, seq_offset=lo)
             done = b_idx + 1
             del acts
             bar.update((hi - lo) * T)
             since_save += 1
-            if since_save >= options.save_every and hi < N:
+            if since_save >= plan.options.save_every and done < plan.mine[1]:
                 save(done)
                 since_save = 0
     except KeyboardInterrupt:
@@ -287,37 +480,184 @@ def run_analysis(crosscoder, models, tokens: torch.Tensor, options: AnalysisOpti
     finally:
         bar.close()
 
-    # finish: weight-derived statistics, then the cache
-    arrays = summaries.finalize()
-    W_dec = encode.crosscoder.W_dec[:n].float()
-    geometry = decoder_norms(W_dec) | nearest_neighbours(W_dec, settings.n_neighbours)
-    logits = logit_effects(W_dec, models.unembeddings(), settings.logit_k, options.logit_hist_bins)
-    feature_stats = cache_format.FeatureStats(**{f.name: (arrays | geometry)[f.name]
-                                                 for f in dataclasses.fields(cache_format.FeatureStats)})
-    examples = cache_format.Examples(**{f.name: arrays[f.name] for f in dataclasses.fields(cache_format.Examples)})
-    manifest = cache_format.Manifest(
+
+@dataclass
+class FinishInputs:
+    """What finishing needs besides the summaries, taken from the weights and the models.
+
+    ``W_dec[n, S, d]`` (float32) are the analysed features' decoder rows, ``unembeddings`` the sources'
+    folded unembeddings (:meth:`atlas.models.ModelSet.unembeddings`), ``neighbours`` precomputed
+    nearest neighbours (feature slices, searched among the whole dictionary) or None (searched among
+    the analysed features when finishing). A ``--shard`` writes them (shard 0) so that ``atlas merge``
+    finishes exactly as an analysis does, without the models.
+    """
+
+    W_dec: torch.Tensor
+    unembeddings: list
+    neighbours: dict | None
+    vocab: list
+
+
+def finish_inputs(plan: Plan, encode: "FeatureEncoder") -> FinishInputs:
+    W_dec = encode.W_dec.float()
+    neighbours = None
+    if plan.first != 0 or plan.among != plan.stop:
+        neighbours = neighbours_in_dictionary(plan.crosscoder.W_dec[: plan.among], plan.first, plan.stop,
+                                              plan.settings.n_neighbours, plan.device, plan.dtype)
+    return FinishInputs(W_dec=W_dec, unembeddings=plan.models.unembeddings(), neighbours=neighbours,
+                        vocab=plan.models.vocab())
+
+
+def neighbours_in_dictionary(W_all: torch.Tensor, first: int, stop: int, n: int, device, dtype,
+                             max_elements: int = 2**24) -> dict:
+    """Nearest neighbours by decoder cosine of features ``first .. stop-1`` among all rows of ``W_all``.
+
+    Like :func:`atlas.stats.nearest_neighbours` (ids are those of ``W_all``, -1 / NaN where fewer than
+    ``n`` others exist), but for a slice of rows, with the candidates streamed in column blocks (a
+    running top-n), so neither the whole decoder nor a ``[rows, F]`` block need be on the device at once.
+    """
+    F = W_all.shape[0]
+    R = stop - first
+    m = min(n, F - 1)
+    ids = np.full((R, n), -1, dtype=np.int32)
+    cos = np.full((R, n), np.nan, dtype=np.float32)
+    if m <= 0 or R <= 0:
+        return {"neighbours": ids, "neighbour_cos": cos}
+
+    def unit(a: int, b: int) -> torch.Tensor:
+        flat = W_all[a:b].to(device=device, dtype=dtype).reshape(b - a, -1).float()
+        return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+    D = W_all[0].numel()
+    rows = max(1, min(R, max_elements // max(F, D)))
+    cols = max(1, min(F, max_elements // max(rows, D)))
+    for r0 in range(first, stop, rows):
+        r1 = min(r0 + rows, stop)
+        u = unit(r0, r1)
+        best_v = torch.full((r1 - r0, m), -torch.inf, device=u.device)
+        best_i = torch.full((r1 - r0, m), -1, dtype=torch.int64, device=u.device)
+        for c0 in range(0, F, cols):
+            c1 = min(c0 + cols, F)
+            sims = u @ unit(c0, c1).T
+            own = torch.arange(r0, r1, device=u.device)
+            inside = (own >= c0) & (own < c1)
+            sims[inside.nonzero(as_tuple=True)[0], own[inside] - c0] = -torch.inf
+            cand_i = torch.arange(c0, c1, device=u.device).expand(r1 - r0, -1)
+            v, j = torch.cat([best_v, sims], 1).topk(m, dim=1)
+            best_i = torch.cat([best_i, cand_i], 1).gather(1, j)
+            best_v = v
+        ids[r0 - first:r1 - first, :m] = best_i.cpu().numpy()
+        cos[r0 - first:r1 - first, :m] = best_v.cpu().numpy()
+    return {"neighbours": ids, "neighbour_cos": cos}
+
+
+def make_manifest(plan: Plan, input_scale, widths, n_tokens: int) -> "cache_format.Manifest":
+    cc = plan.crosscoder
+    return cache_format.Manifest(
         sources=[cache_format.SourceInfo(model=s.model, site=s.site, d_model=w)
-                 for s, w in zip(models.sources, models.widths)],
-        n_features=n, n_tokens=int(summaries.scalars.n_tokens), n_sequences=N, settings=settings,
+                 for s, w in zip(plan.models.sources, widths)],
+        n_features=plan.n_features, n_tokens=n_tokens, n_sequences=plan.tokens.shape[0], settings=plan.settings,
         checkpoint={
-            "path": str(crosscoder.path), "format": crosscoder.format, "activation": crosscoder.activation,
-            "n_features_total": F_total, "input_scale": [float(v) for v in crosscoder.input_scale.tolist()],
-            "input_scale_estimated": bool(scale_estimated), "dtype": str(dtype).replace("torch.", ""),
-            "fingerprint": fp,
+            "path": str(cc.path), "format": cc.format, "activation": cc.activation,
+            "n_features_total": cc.n_features, "input_scale": [float(v) for v in torch.as_tensor(input_scale).tolist()],
+            "input_scale_estimated": bool(cc.input_scale is None), "dtype": str(plan.dtype).replace("torch.", ""),
+            "fingerprint": plan.fingerprint, "inputs_fingerprint": plan.inputs_fingerprint,
         },
-        dataset=options.dataset, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        dataset=plan.options.dataset, feature_offset=plan.first,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def assemble(summaries, inputs: FinishInputs, manifest, tokens, logit_hist_bins: int) -> "cache_format.Cache":
+    """The cache: the summaries' arrays, decoder geometry, neighbours and logit effects (``manifest`` is
+    completed with the number of counted tokens)."""
+    from .stats import decoder_norms, logit_effects, nearest_neighbours
+
+    settings = manifest.settings
+    arrays = summaries.finalize()
+    W_dec = inputs.W_dec
+    neighbours = inputs.neighbours or nearest_neighbours(W_dec, settings.n_neighbours)
+    geometry = decoder_norms(W_dec) | neighbours
+    logits = logit_effects(W_dec, inputs.unembeddings, settings.logit_k, logit_hist_bins)
+    feature_stats = _fill(cache_format.FeatureStats, arrays | geometry)
+    examples = _fill(cache_format.Examples, arrays)
+    manifest.n_tokens = int(summaries.scalars.n_tokens)
+    return cache_format.Cache(manifest=manifest, vocab=list(inputs.vocab), tokens=np.asarray(tokens),
+                              features=feature_stats, examples=examples,
+                              logits=cache_format.LogitEffects(**logits))
+
+
+def _fill(cls, arrays: dict):
+    """``cls`` (a cache dataclass) from the arrays named by its fields; optional fields not computed stay None."""
+    return cls(**{f.name: arrays[f.name] for f in dataclasses.fields(cls) if f.name in arrays})
+
+
+def write_analysis_cache(cache_dir: Path, cache: "cache_format.Cache") -> None:
+    """Write ``cache`` to ``cache_dir``; an old complete cache there is first marked incomplete."""
+    cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     if (cache_dir / "manifest.json").exists():  # an old complete cache must not pass for the new one
-        cache_format.atomic_write_json(cache_dir / "manifest.json", manifest.to_json())
-    cache_format.write_cache(cache_dir, cache_format.Cache(
-        manifest=manifest, vocab=models.vocab(), tokens=tokens.numpy(), features=feature_stats,
-        examples=examples, logits=cache_format.LogitEffects(**logits)))
-    shutil.rmtree(cache_dir / STATE_DIR, ignore_errors=True)
+        cache_format.atomic_write_json(cache_dir / "manifest.json", cache.manifest.to_json())
+    cache_format.write_cache(cache_dir, cache)
 
-    dead = int((feature_stats.n_active == 0).sum())
-    dense = int((feature_stats.density > 0.1).sum())
-    print(f"atlas: analysed {n:,} features over {manifest.n_tokens:,} tokens: {dead:,} dead (never active), "
-          f"{dense:,} dense (density > 10%), in {time.perf_counter() - start:.1f} s; "
+
+def _report(cache: "cache_format.Cache", cache_dir: Path, seconds: float) -> None:
+    fs, m = cache.features, cache.manifest
+    dead = int((fs.n_active == 0).sum())
+    dense = int((fs.density > 0.1).sum())
+    which = f"{m.n_features:,} features" if not m.feature_offset else \
+        f"{m.n_features:,} features ({m.feature_offset}..{m.feature_offset + m.n_features - 1})"
+    print(f"atlas: analysed {which} over {m.n_tokens:,} tokens: {dead:,} dead (never active), "
+          f"{dense:,} dense (density > 10%), in {seconds:.1f} s; "
           f"cache {_folder_bytes(cache_dir) / 1e6:.1f} MB in {cache_dir}")
-    return manifest
+
+
+@torch.inference_mode()
+def run_analysis(crosscoder, models, tokens: torch.Tensor, options: AnalysisOptions, cache_dir: Path,
+                 device, dtype, *, comm=None, shard: tuple[int, int] | None = None) -> "cache_format.Manifest":
+    """Analyse ``tokens`` and write the cache to ``cache_dir``; returns its manifest (see module docstring).
+
+    ``comm`` (:class:`atlas.distributed.Comm`): this is one torchrun rank; ranks split the batches, rank 0
+    writes. ``shard`` = ``(K, N)``: analyse the K-th of N parts of the batches and write a shard
+    (:mod:`atlas.merge`) instead of a cache; the returned manifest then covers that shard only.
+    """
+    start = time.perf_counter()
+    cache_dir = Path(cache_dir)
+    plan = prepare(crosscoder, models, tokens, options, device, dtype, comm=comm, shard=shard)
+    if options.reuse:
+        reused = _reusable(plan, cache_dir)
+        if reused is not None:
+            return reused
+
+    # stream this process's batches into its summaries (resuming after the last saved batch)
+    summaries, next_batch, stored_scale = _resume(plan, cache_dir)
+    stream = _extracted(plan, range(next_batch, plan.mine[1]))
+    input_scale, stream = _input_scale(plan, stored_scale, stream)
+    input_scale = torch.as_tensor(input_scale, dtype=torch.float32).cpu()
+    encode = FeatureEncoder(dataclasses.replace(crosscoder, input_scale=input_scale), plan.first, plan.stop,
+                            device, dtype)
+    _fold(plan, summaries, stream, encode, plan.state_path(cache_dir), input_scale, next_batch)
+
+    # combine the ranks' summaries on rank 0, which finishes: a shard, or the cache
+    if comm is not None:
+        comm.reduce_summaries(summaries, plan.new_summaries)
+    result = None
+    if plan.lead:
+        # weight-derived inputs: a shard other than the first leaves them to shard 0
+        inputs = finish_inputs(plan, encode) if shard is None or shard[0] == 0 else None
+        manifest = make_manifest(plan, input_scale, plan.models.widths, int(summaries.scalars.n_tokens))
+        if shard is not None:
+            from .merge import write_shard
+
+            result = write_shard(cache_dir, plan, summaries, inputs, manifest)
+        else:
+            cache = assemble(summaries, inputs, manifest, plan.tokens.numpy(), options.logit_hist_bins)
+            write_analysis_cache(cache_dir, cache)
+            result = cache.manifest
+            _report(cache, cache_dir, time.perf_counter() - start)
+    if comm is not None:
+        result = comm.broadcast(result)
+    plan.state_path(cache_dir).unlink(missing_ok=True)
+    if plan.lead:
+        shutil.rmtree(cache_dir / STATE_DIR, ignore_errors=True)
+    return result
