@@ -6,8 +6,10 @@ Layout of a cache folder (``atlas-data/`` by default)::
       manifest.json   Manifest       written last; ``complete`` is true once every other file is final
       vocab.json      list[str]      token id → display string, for the models' shared tokenizer
       tokens.npy      int32[N, T]    the corpus sequences the examples point into
-      features.npz    FeatureStats   per-feature scalars, histograms, decoder geometry, neighbours
+      features.npz    FeatureStats   per-feature scalars, histograms, decoder geometry, neighbours,
+                                     neuron alignment, correlated neurons and features
       examples.npz    Examples       top activating examples and interval samples with their windows
+                                     (and each window token's effect on the next token's logit)
       logits.npz      LogitEffects   top/bottom tokens of each feature's direct logit effect per source
 
 Writers: :mod:`atlas.analyze`. Readers: :mod:`atlas.render` (which imports numpy, never torch) and the
@@ -17,6 +19,11 @@ file or the new one. This module imports numpy only.
 A window is the ``window_before`` tokens before an example's token, the token itself, and
 ``window_after`` tokens after it: ``W = window_before + 1 + window_after`` positions. Positions outside
 the sequence hold token ``-1`` and activation ``0``.
+
+Optional fields. Fields of ``FeatureStats`` and ``Examples`` that default to ``None`` were added after
+the first release of the format: a cache written without them (an older atlas, or an analysis that
+switched them off) reads back with ``None`` there, and a reader must treat ``None`` as "not computed".
+Readers also ignore arrays they do not know, so a newer cache stays readable by this module.
 """
 
 from __future__ import annotations
@@ -63,16 +70,22 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _arrays_of(obj) -> dict[str, np.ndarray]:
-    return {f.name: np.asarray(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    """The dataclass's arrays by field name; optional fields left at ``None`` are not written."""
+    return {f.name: np.asarray(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+            if getattr(obj, f.name) is not None}
+
+
+def _optional(f: dataclasses.Field) -> bool:
+    return f.default is None
 
 
 def _load_npz(cls, path: Path):
     with np.load(path, allow_pickle=False) as z:
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(z.files)
+        fields = dataclasses.fields(cls)
+        missing = {f.name for f in fields if not _optional(f)} - set(z.files)
         if missing:
             raise ValueError(f"{path} lacks {sorted(missing)}")
-        return cls(**{n: z[n] for n in names})
+        return cls(**{f.name: z[f.name] for f in fields if f.name in z.files})
 
 
 @dataclass
@@ -99,6 +112,13 @@ class Settings:
     seq_len: int = 128
     n_sequences: int = 100
     exclude_bos: bool = True
+    n_align: int = 10  # neuron alignment: largest decoder entries per feature
+    n_corr_neurons: int = 10  # correlated neurons per feature (0: not computed)
+    n_corr_candidates: int = 32  # decoder-cosine neighbours whose correlation is computed
+    n_corr_features: int = 10  # correlated features kept per feature (0: not computed)
+    diff_shared_lo: float = 0.3  # diff_class: relative norm below → model-A-only
+    diff_shared_hi: float = 0.7  # diff_class: relative norm above → model-B-only
+    next_token_effects: str = "top"  # *_next_logit for "top" examples, "all" (top and intervals), "none"
 
     @property
     def window(self) -> int:
@@ -137,7 +157,8 @@ class Manifest:
     def from_json(cls, d: dict) -> "Manifest":
         d = dict(d)
         d["sources"] = [SourceInfo(**s) for s in d["sources"]]
-        d["settings"] = Settings(**d["settings"])
+        known = {f.name for f in dataclasses.fields(Settings)}  # settings of a newer atlas are ignored
+        d["settings"] = Settings(**{k: v for k, v in d["settings"].items() if k in known})
         return cls(**d)
 
 
@@ -155,6 +176,27 @@ class FeatureStats:
     - ``dec_cos[F]``: cosine(W_dec[f, 0], W_dec[f, 1]) for S = 2, NaN otherwise
     - ``neighbours[F, n]`` (int32) and ``neighbour_cos[F, n]``: nearest other features by decoder cosine
       (decoders of all sources concatenated), most similar first
+
+    Optional (``None`` when not computed; see the module docstring):
+
+    - ``diff_class[F]`` (int8): model-diff class from ``rel_norm`` r with the thresholds
+      ``Settings.diff_shared_lo`` / ``diff_shared_hi`` (default 0.3 / 0.7): 0 = model-A-only
+      (r < lo), 1 = shared (lo ≤ r ≤ hi), 2 = model-B-only (r > hi), -1 = no class (S ≠ 2, or a
+      zero decoder)
+    - neuron alignment, the ``Settings.n_align`` = A decoder entries of largest magnitude over all
+      sources and dimensions, largest first: ``align_source[F, A]``, ``align_dim[F, A]`` (int32),
+      ``align_val[F, A]`` (float32, the signed entry ``W_dec[f, s, i]``) and ``align_l1_frac[F, A]``
+      (float32, |W_dec[f, s, i]| / Σ|W_dec[f]|, the entry's share of the decoder's L1 norm; the sum over
+      the A entries is the share they carry together). -1 / NaN where S·d < A.
+    - correlated neurons, the ``Settings.n_corr_neurons`` = M neurons (source s, dimension i of that
+      source's activation, as read from the model, before any input scale) with the largest
+      |Pearson correlation| between the feature's activation and x[s, i] over all counted tokens,
+      strongest first: ``ncorr_source[F, M]``, ``ncorr_dim[F, M]`` (int32, -1 = none) and
+      ``ncorr_val[F, M]`` (float32, the signed correlation; NaN = none, e.g. a dead feature)
+    - correlated features, among each feature's ``Settings.n_corr_candidates`` nearest decoder-cosine
+      neighbours, the ``Settings.n_corr_features`` = C with the highest Pearson correlation of
+      activations over all counted tokens, highest first: ``fcorr_ids[F, C]`` (int32, -1 = none)
+      and ``fcorr_val[F, C]`` (float32, NaN = none)
     """
 
     density: np.ndarray
@@ -167,6 +209,16 @@ class FeatureStats:
     dec_cos: np.ndarray
     neighbours: np.ndarray
     neighbour_cos: np.ndarray
+    diff_class: np.ndarray | None = None
+    align_source: np.ndarray | None = None
+    align_dim: np.ndarray | None = None
+    align_val: np.ndarray | None = None
+    align_l1_frac: np.ndarray | None = None
+    ncorr_source: np.ndarray | None = None
+    ncorr_dim: np.ndarray | None = None
+    ncorr_val: np.ndarray | None = None
+    fcorr_ids: np.ndarray | None = None
+    fcorr_val: np.ndarray | None = None
 
 
 @dataclass
@@ -182,6 +234,19 @@ class Examples:
     holds up to k tokens sampled uniformly at random among the tokens whose activation lies in it:
     ``iv_seq[F, G, k]`` (-1 = empty), ``iv_pos``, ``iv_act`` and ``iv_window[F, G, k, W]``;
     ``iv_width[F]``.
+
+    Optional (``None`` when not computed; ``Settings.next_token_effects``): each window token's
+    direct effect on the logit of the token that follows it, per source (S sources):
+    ``top_next_logit[F, K, W, S]`` and ``iv_next_logit[F, G, k, W, S]`` (float16). For the window
+    position w of an example at (sequence q, token p), with t = p - window_before + w:
+
+        top_next_logit[f, j, w, s] = top_window[f, j, w] × (W_dec[f, s] · U_s[:, tokens[q, t + 1]])
+
+    where ``top_window`` is the stored (float16) activation and ``W_dec[f, s] · U_s[:, v]`` the
+    feature's direct logit effect on token v via source s as in ``LogitEffects`` (U_s the model's final
+    norm weight folded into its unembedding). It is 0 where the slot is empty, t is outside the
+    sequence, or t is its last token (no next token). The feature's effect on every logit is the same
+    at every position; this is its contribution to the logit of the token that actually came next.
     """
 
     top_seq: np.ndarray
@@ -193,6 +258,8 @@ class Examples:
     iv_act: np.ndarray
     iv_window: np.ndarray
     iv_width: np.ndarray
+    top_next_logit: np.ndarray | None = None
+    iv_next_logit: np.ndarray | None = None
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Decoder geometry: norms per source, relative norm and cosine for two sources, nearest neighbours.
+"""Decoder geometry: norms per source, relative norm, cosine and model-diff class for two sources,
+neuron alignment, nearest neighbours.
 
 Writer: :mod:`atlas.analyze` (into ``atlas.cache.FeatureStats``). Computed from the weights alone.
 """
@@ -9,8 +10,52 @@ import numpy as np
 import torch
 
 
-def decoder_norms(W_dec: torch.Tensor) -> dict:
-    """``dec_norm[F, S]``; ``rel_norm[F]`` = ‖d_1‖/(‖d_0‖+‖d_1‖) and ``dec_cos[F]`` for S = 2, else NaN."""
+DIFF_NONE, DIFF_A_ONLY, DIFF_SHARED, DIFF_B_ONLY = -1, 0, 1, 2
+
+
+def diff_classes(rel_norm: np.ndarray, shared_lo: float, shared_hi: float) -> np.ndarray:
+    """``diff_class[F]`` (int8) from the relative decoder norm r: 0 (model-A-only) where r < ``shared_lo``,
+    1 (shared) where ``shared_lo`` ≤ r ≤ ``shared_hi``, 2 (model-B-only) where r > ``shared_hi``, and
+    -1 where r is NaN (not two sources, or a zero decoder)."""
+    r = np.asarray(rel_norm, dtype=np.float32)
+    out = np.full(r.shape, DIFF_NONE, np.int8)
+    out[r < shared_lo] = DIFF_A_ONLY
+    out[(r >= shared_lo) & (r <= shared_hi)] = DIFF_SHARED
+    out[r > shared_hi] = DIFF_B_ONLY
+    return out
+
+
+def neuron_alignment(W_dec: torch.Tensor, k: int, block: int = 2**22) -> dict:
+    """The ``k`` decoder entries of largest magnitude per feature, over all sources and dimensions.
+
+    ``align_source[F, k]``, ``align_dim[F, k]`` (int32), ``align_val[F, k]`` (the signed entry
+    ``W_dec[f, s, i]``) and ``align_l1_frac[F, k]`` = |W_dec[f, s, i]| / Σ_s,i |W_dec[f, s, i]| (its share
+    of the decoder's L1 norm; summed over the k entries, the share they carry together). Largest first;
+    fewer than k entries (k > S·d) leave -1 / NaN.
+    """
+    F, S, d = W_dec.shape
+    D = S * d
+    m = min(k, D)
+    src = np.full((F, k), -1, np.int32)
+    dim = np.full((F, k), -1, np.int32)
+    val = np.full((F, k), np.nan, np.float32)
+    frac = np.full((F, k), np.nan, np.float32)
+    rows = max(1, block // max(D, 1))
+    for lo in range(0, F, rows):
+        w = W_dec[lo:lo + rows].reshape(-1, D).float()
+        top = w.abs().topk(m, dim=1)
+        l1 = w.abs().sum(1, keepdim=True)
+        hi = lo + w.shape[0]
+        src[lo:hi, :m] = (top.indices // d).cpu().numpy()
+        dim[lo:hi, :m] = (top.indices % d).cpu().numpy()
+        val[lo:hi, :m] = w.gather(1, top.indices).cpu().numpy()
+        frac[lo:hi, :m] = torch.where(l1 > 0, top.values / l1.clamp_min(1e-30), torch.nan).cpu().numpy()
+    return {"align_source": src, "align_dim": dim, "align_val": val, "align_l1_frac": frac}
+
+
+def decoder_norms(W_dec: torch.Tensor, shared_lo: float = 0.3, shared_hi: float = 0.7) -> dict:
+    """``dec_norm[F, S]``; ``rel_norm[F]`` = ‖d_1‖/(‖d_0‖+‖d_1‖) and ``dec_cos[F]`` for S = 2, else NaN;
+    ``diff_class[F]`` from ``rel_norm`` (:func:`diff_classes`)."""
     W = W_dec.float()
     norms = W.norm(dim=-1)
     F, S = norms.shape
@@ -22,8 +67,9 @@ def decoder_norms(W_dec: torch.Tensor) -> dict:
     else:
         rel = torch.full((F,), torch.nan)
         cos = torch.full((F,), torch.nan)
-    return {"dec_norm": norms.cpu().numpy(), "rel_norm": rel.float().cpu().numpy(),
-            "dec_cos": cos.float().cpu().numpy()}
+    rel = rel.float().cpu().numpy()
+    return {"dec_norm": norms.cpu().numpy(), "rel_norm": rel, "dec_cos": cos.float().cpu().numpy(),
+            "diff_class": diff_classes(rel, shared_lo, shared_hi)}
 
 
 def nearest_neighbours(W_dec: torch.Tensor, n: int, chunk: int | None = None) -> dict:

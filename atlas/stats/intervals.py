@@ -86,7 +86,8 @@ class IntervalSamples:
     # ------------------------------------------------------------------ updates
 
     def update(self, acts: torch.Tensor, seq_offset: int, nz_b, nz_pos, nz_f, nz_vals) -> None:
-        """Fold a batch: ``acts[B, T, F]`` of sequences ``seq_offset + b`` and its nonzero entries."""
+        """Fold a batch: ``acts[B, T, F]`` of sequences ``seq_offset + b`` and its nonzero entries
+        (sequence in batch, position, feature, value)."""
         F, T = self.exponent.shape[0], acts.shape[1]
         batch_max = torch.zeros(F, dtype=torch.float32, device=acts.device)
         batch_max.scatter_reduce_(0, nz_f, nz_vals, reduce="amax")

@@ -1,7 +1,8 @@
 """Direct logit effects: each feature's decoder direction through each source's folded unembedding.
 
-Writer: :mod:`atlas.analyze` (into ``atlas.cache.LogitEffects``). Chunked over features so that at most
-about ``max_elements`` effects ``[chunk, V]`` exist at once.
+Writer: :mod:`atlas.analyze` (into ``atlas.cache.LogitEffects``, and the per-token ``*_next_logit``
+fields of ``atlas.cache.Examples``). Chunked over features so that at most about ``max_elements``
+effects ``[chunk, V]`` exist at once; everything is read off each chunk in one pass.
 """
 
 from __future__ import annotations
@@ -9,14 +10,42 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+FP16_MAX = 65504.0
+
+
+def next_token_ids(tokens, seq, pos, before: int, after: int) -> torch.Tensor:
+    """Token id that follows each position of each example window (int64, -1 = none).
+
+    ``tokens[N, T]``; ``seq[F, ...]`` and ``pos[F, ...]`` (an example's sequence and token, -1 = empty
+    slot). Window position w of an example at (s, p) is token ``p - before + w``; the result is
+    ``tokens[s, p - before + w + 1]``, or -1 where the slot is empty or that position or its successor
+    lies outside the sequence. Shape ``[F, ..., before + 1 + after]``.
+    """
+    tokens = torch.as_tensor(tokens, dtype=torch.int64)
+    seq = torch.as_tensor(np.asarray(seq), dtype=torch.int64).to(tokens.device)
+    pos = torch.as_tensor(np.asarray(pos), dtype=torch.int64).to(tokens.device)
+    N, T = tokens.shape
+    offsets = torch.arange(-before, after + 1, device=tokens.device)
+    t = pos[..., None] + offsets  # the window position
+    ok = (seq[..., None] >= 0) & (t >= 0) & (t + 1 < T)
+    flat = seq[..., None].clamp_min(0) * T + (t + 1).clamp(0, T - 1)
+    return torch.where(ok, tokens.reshape(-1)[flat.clamp(0, N * T - 1)], -1)
+
 
 def logit_effects(W_dec: torch.Tensor, unembeddings: list[torch.Tensor], k: int, n_bins: int,
-                  max_elements: int = 2**22) -> dict:
+                  max_elements: int = 2**22, windows: dict | None = None, tokens=None,
+                  window_before: int = 0) -> dict:
     """``W_dec[F, S, d]`` and per source ``U_s[d, V]`` → arrays of ``LogitEffects``.
 
     Effect of f on token t via s: ``W_dec[f, s] @ U_s[:, t]``. Top/bottom ``k`` tokens (largest first /
     most negative first) and a histogram of all V effects in ``n_bins`` equal bins between the feature's
     min and max (everything in bin 0 when they are equal).
+
+    ``windows`` maps output names to example windows ``(seq[F, ...], pos[F, ...], acts[F, ..., W])``
+    into the corpus ``tokens[N, T]`` (windows start ``window_before`` tokens before ``pos``). The output
+    ``name[F, ..., W, S]`` (float16) is each window token's activation × the feature's effect via s on
+    the logit of the token that follows it (:func:`next_token_ids`; 0 where there is none), read off
+    the same chunks.
     """
     F, S, _ = W_dec.shape
     V = min(U.shape[1] for U in unembeddings)
@@ -27,20 +56,27 @@ def logit_effects(W_dec: torch.Tensor, unembeddings: list[torch.Tensor], k: int,
         "hist_counts": np.zeros((F, S, n_bins), np.int64),
         "hist_lo": np.zeros((F, S), np.float32), "hist_hi": np.zeros((F, S), np.float32),
     }
+    windows = windows or {}
+    for name, (_, _, acts) in windows.items():
+        out[name] = np.zeros(tuple(acts.shape) + (S,), np.float16)
     chunk = max(1, max_elements // V)
     for s, U in enumerate(unembeddings):
         U = U[:, :V].float()
+        dev = U.device
+        if windows:
+            tok = torch.as_tensor(np.asarray(tokens), dtype=torch.int64).to(dev)
         for lo in range(0, F, chunk):
             hi = min(lo + chunk, F)
-            eff = W_dec[lo:hi, s].to(U.device, torch.float32) @ U  # [c, V]
-            top = eff.topk(k, dim=1)
-            bot = eff.topk(k, dim=1, largest=False)
-            mn, mx = eff.amin(dim=1), eff.amax(dim=1)
-            span = (mx - mn)[:, None]
-            scaled = torch.where(span > 0, (eff - mn[:, None]) / span.clamp_min(1e-30), 0.0)
-            bins = (scaled * n_bins).floor().clamp(0, n_bins - 1).to(torch.int64)
-            rows = torch.arange(hi - lo, device=eff.device)[:, None] * n_bins
-            counts = torch.bincount((bins + rows).view(-1), minlength=(hi - lo) * n_bins).view(hi - lo, n_bins)
+            c = hi - lo
+            eff = W_dec[lo:hi, s].to(dev, torch.float32) @ U  # [c, V]
+            top = eff.topk(k, dim=1, sorted=True)
+            bot = eff.topk(k, dim=1, largest=False, sorted=True)
+            mn, mx = eff.aminmax(dim=1)
+            span = mx - mn
+            inv = torch.where(span > 0, n_bins / span.clamp_min(1e-30), 0.0)
+            bins = ((eff - mn[:, None]) * inv[:, None]).to(torch.int64).clamp_(0, n_bins - 1)
+            bins += torch.arange(c, device=dev)[:, None] * n_bins
+            counts = torch.bincount(bins.view(-1), minlength=c * n_bins).view(c, n_bins)
             out["top_ids"][lo:hi, s] = top.indices.cpu().numpy()
             out["top_vals"][lo:hi, s] = top.values.cpu().numpy()
             out["bot_ids"][lo:hi, s] = bot.indices.cpu().numpy()
@@ -48,4 +84,24 @@ def logit_effects(W_dec: torch.Tensor, unembeddings: list[torch.Tensor], k: int,
             out["hist_counts"][lo:hi, s] = counts.cpu().numpy()
             out["hist_lo"][lo:hi, s] = mn.cpu().numpy()
             out["hist_hi"][lo:hi, s] = mx.cpu().numpy()
+            for name, (seq, pos, acts) in windows.items():
+                a = torch.as_tensor(np.asarray(acts[lo:hi]), device=dev).float()
+                i = next_token_ids(tok, seq[lo:hi], pos[lo:hi], window_before, a.shape[-1] - 1 - window_before)
+                e = eff.gather(1, i.clamp(0, V - 1).reshape(c, -1)).view(i.shape)
+                hover = torch.where(i >= 0, e * a, 0.0).clamp(-FP16_MAX, FP16_MAX)
+                out[name][lo:hi, ..., s] = hover.to(torch.float16).cpu().numpy()
+    return out
+
+
+def example_windows(arrays: dict, which: str) -> dict:
+    """The ``windows`` argument of :func:`logit_effects` for the examples in ``arrays`` (the output of
+    :meth:`atlas.stats.FeatureSummaries.finalize`): ``which`` is ``"top"`` (top examples →
+    ``top_next_logit``), ``"all"`` (also interval samples → ``iv_next_logit``) or ``"none"``."""
+    if which not in ("none", "top", "all"):
+        raise ValueError(f"next-token effects must be 'none', 'top' or 'all' (got {which!r})")
+    out = {}
+    if which in ("top", "all"):
+        out["top_next_logit"] = (arrays["top_seq"], arrays["top_pos"], arrays["top_window"])
+    if which == "all":
+        out["iv_next_logit"] = (arrays["iv_seq"], arrays["iv_pos"], arrays["iv_window"])
     return out

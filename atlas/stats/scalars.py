@@ -30,14 +30,14 @@ class ScalarStats:
     def n_bins(self) -> int:
         return self.hist.shape[1]
 
-    def update(self, acts: torch.Tensor, n_counted: int, nz_f: torch.Tensor, nz_vals: torch.Tensor) -> None:
-        """Fold a batch: ``acts[N, F]`` (zero at tokens not counted), its ``n_counted`` counted tokens,
-        and its nonzero entries (feature index, value)."""
+    def update(self, n_counted, nz_f: torch.Tensor, nz_vals: torch.Tensor) -> None:
+        """Fold a batch: its number of counted tokens (int or 0-d tensor) and its nonzero entries at
+        counted tokens (feature index, value)."""
         F = self.n_active.shape[0]
         self.n_tokens += n_counted
         self.n_active += torch.bincount(nz_f, minlength=F)
-        self.act_sum += acts.sum(dim=0).double()  # float32 within a batch, float64 across batches
-        self.max_act = torch.maximum(self.max_act, acts.amax(dim=0).clamp_min(0))
+        self.act_sum.index_add_(0, nz_f, nz_vals.to(torch.float64))
+        self.max_act.scatter_reduce_(0, nz_f, nz_vals.float(), reduce="amax")
         bins = torch.bucketize(nz_vals, self.edges[1:-1], right=True)
         self.hist += torch.bincount(nz_f * self.n_bins + bins, minlength=F * self.n_bins).view(F, self.n_bins)
 

@@ -3,61 +3,111 @@
 Writer and reader: :mod:`atlas.analyze` (``update`` per batch, ``state_dict`` for resume files,
 ``finalize`` for the cache). ``merge(a, b)`` combines two shards of the same corpus analysed
 separately (sequence indices must be global, i.e. each shard passes its own ``seq_offset``).
+
+A batch is reduced once to its nonzero entries at counted tokens (token, feature, value); every
+summary folds those (the cost grows with the active pairs, not with ``tokens × F``), and reads the
+dense activations only at the few positions it needs (example windows, candidate features).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .correlations import FeatureCorrelations, NeuronCorrelations
 from .intervals import IntervalSamples
 from .scalars import ScalarStats
 from .top import TopExamples
 
 
 class FeatureSummaries:
-    """Scalars and histograms, top examples, and interval samples of ``n_features`` features.
+    """Scalars and histograms, top examples, interval samples and correlations of ``n_features`` features.
 
-    ``feature_offset`` is the id of the first of them in the whole dictionary (a feature slice)."""
+    ``width`` = S·d (the neurons of all sources, concatenated) and ``n_sources`` enable neuron
+    correlations when ``settings.n_corr_neurons > 0``; ``candidates[F, C]`` (feature indices, -1 =
+    none) enable feature correlations when ``settings.n_corr_features > 0``. ``feature_offset`` is
+    the id of the first of them in the whole dictionary (a feature slice).
 
-    def __init__(self, n_features: int, settings, seed: int, device=None, feature_offset: int = 0):
+    A ``state_dict`` describes itself: loading it into summaries built without ``width`` or
+    ``candidates`` (e.g. by a tool that merges shards) creates the correlation parts it holds.
+    """
+
+    def __init__(self, n_features: int, settings, seed: int, device=None, feature_offset: int = 0,
+                 width: int | None = None, n_sources: int = 1, candidates: torch.Tensor | None = None):
         self.settings = settings
         self.seed = seed
+        self.n_sources = n_sources
         before, after = settings.window_before, settings.window_after
         self.scalars = ScalarStats(n_features, settings.hist_edges(), device=device)
         self.top = TopExamples(n_features, settings.top_k, before, after, device=device)
         self.intervals = IntervalSamples(n_features, settings.n_intervals, settings.interval_k, before, after,
                                          seed, device=device, feature_offset=feature_offset)
+        self.device = device
+        self.neurons = None
+        if width and getattr(settings, "n_corr_neurons", 0) > 0:
+            self.neurons = NeuronCorrelations(n_features, width, n_sources, device=device)
+        self.features = None
+        if candidates is not None and getattr(settings, "n_corr_features", 0) > 0:
+            self.features = FeatureCorrelations(candidates, device=device)
 
-    def update(self, acts: torch.Tensor, counted: torch.Tensor, seq_offset: int) -> None:
-        """Fold a batch: ``acts[B, T, F]`` (float32) of sequences ``seq_offset + b`` and ``counted[B, T]``
-        (the tokens that enter the statistics). ``acts`` is zeroed in place where not counted."""
-        acts.mul_(counted[:, :, None].to(acts.dtype))
+    def parts(self) -> dict:
+        return {name: part for name, part in (("scalars", self.scalars), ("top", self.top),
+                                               ("intervals", self.intervals), ("neurons", self.neurons),
+                                               ("features", self.features)) if part is not None}
+
+    def update(self, acts: torch.Tensor, counted: torch.Tensor, seq_offset: int,
+               x: torch.Tensor | None = None) -> None:
+        """Fold a batch: ``acts[B, T, F]`` (float32) of sequences ``seq_offset + b``, ``counted[B, T]``
+        (the tokens that enter the statistics) and, for neuron correlations, the sources' activations
+        ``x[B, T, S, d]`` (any float dtype). ``acts`` is zeroed in place where not counted."""
         B, T, F = acts.shape
-        nz_b, nz_pos, nz_f = (acts > 0).nonzero(as_tuple=True)
-        nz_vals = acts[nz_b, nz_pos, nz_f]
-        self.scalars.update(acts.view(B * T, F), int(counted.sum()), nz_f, nz_vals)
-        self.top.update(acts, seq_offset)
+        flat = acts.view(B * T, F)
+        counted = counted.reshape(B * T).to(acts.device)
+        skipped = (~counted).nonzero(as_tuple=True)[0]
+        if skipped.numel():
+            flat.index_fill_(0, skipped, 0.0)
+        nz_tok, nz_f = (flat > 0).nonzero(as_tuple=True)
+        nz_vals = flat[nz_tok, nz_f]
+        nz_b, nz_pos = nz_tok // T, nz_tok % T
+        n_counted = counted.sum()
+        self.scalars.update(n_counted, nz_f, nz_vals)
+        self.top.update(acts, seq_offset, nz_b, nz_pos, nz_f, nz_vals)
         self.intervals.update(acts, seq_offset, nz_b, nz_pos, nz_f, nz_vals)
+        if self.neurons is not None:
+            if x is None:
+                raise ValueError("neuron correlations need the sources' activations x")
+            self.neurons.update(x.reshape(B * T, -1), counted, nz_tok, nz_f, nz_vals)
+        if self.features is not None:
+            self.features.update(flat, n_counted, nz_tok, nz_f, nz_vals)
 
     def merge(self, other: "FeatureSummaries") -> "FeatureSummaries":
-        """``self`` ⊕ ``other`` in place; returns self."""
-        self.scalars.merge(other.scalars)
-        self.top.merge(other.top)
-        self.intervals.merge(other.intervals)
+        """``self`` ⊕ ``other`` in place; returns self. Both must hold the same statistics."""
+        mine, theirs = self.parts(), other.parts()
+        if mine.keys() != theirs.keys():
+            raise ValueError(f"cannot merge summaries of different statistics: {sorted(mine)} and {sorted(theirs)}")
+        for name, part in mine.items():
+            part.merge(theirs[name])
         return self
 
     def state_dict(self) -> dict:
-        return {"scalars": self.scalars.state_dict(), "top": self.top.state_dict(),
-                "intervals": self.intervals.state_dict()}
+        return {name: part.state_dict() for name, part in self.parts().items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scalars.load_state_dict(state["scalars"])
-        self.top.load_state_dict(state["top"])
-        self.intervals.load_state_dict(state["intervals"])
+        if "neurons" in state and self.neurons is None:
+            self.neurons = NeuronCorrelations.from_state(state["neurons"], device=self.device)
+        if "features" in state and self.features is None:
+            self.features = FeatureCorrelations.from_state(state["features"], device=self.device)
+        for name, part in self.parts().items():
+            part.load_state_dict(state[name])
 
     def finalize(self) -> dict:
-        """numpy arrays: the activation fields of ``FeatureStats`` and all fields of ``Examples``."""
-        return self.scalars.finalize() | self.top.finalize() | self.intervals.finalize()
+        """numpy arrays: the activation fields of ``FeatureStats`` (with ``ncorr_*`` / ``fcorr_*`` when
+        enabled) and the fields of ``Examples`` except the ``*_next_logit`` ones."""
+        out = self.scalars.finalize() | self.top.finalize() | self.intervals.finalize()
+        if self.neurons is not None:
+            out |= self.neurons.finalize(self.settings.n_corr_neurons)
+        if self.features is not None:
+            out |= self.features.finalize(self.settings.n_corr_features)
+        return out
 
 
 def merge(a: FeatureSummaries, b: FeatureSummaries) -> FeatureSummaries:

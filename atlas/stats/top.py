@@ -25,13 +25,19 @@ class TopExamples:
         self.pos = torch.full((n_features, k), -1, dtype=torch.int64, device=device)
         self.window = torch.zeros(n_features, k, W, dtype=torch.float16, device=device)
 
-    def update(self, acts: torch.Tensor, seq_offset: int) -> None:
-        """Fold a batch ``acts[B, T, F]`` (zero at tokens not counted) of sequences ``seq_offset + b``."""
-        B = acts.shape[0]
-        best, pos = acts.max(dim=1)  # [B, F]
-        value = torch.where(best > 0, best, -torch.inf).T
+    def update(self, acts: torch.Tensor, seq_offset: int, nz_b, nz_pos, nz_f, nz_vals) -> None:
+        """Fold a batch ``acts[B, T, F]`` (zero at tokens not counted) of sequences ``seq_offset + b``,
+        given its nonzero entries (sequence in batch, position, feature, value)."""
+        B, T, F = acts.shape
+        pair = nz_b * F + nz_f
+        best = torch.zeros(B * F, dtype=acts.dtype, device=acts.device)
+        best.scatter_reduce_(0, pair, nz_vals, reduce="amax")
+        at_best = nz_vals == best[pair]  # the first position holding the sequence's maximum wins
+        first = torch.full((B * F,), T, dtype=torch.int64, device=acts.device)
+        first.scatter_reduce_(0, pair[at_best], nz_pos[at_best], reduce="amin")
+        value = torch.where(best > 0, best, -torch.inf).view(B, F).T
+        pos = first.view(B, F).T
         seq = (torch.arange(B, device=acts.device) + seq_offset)[None, :].expand_as(value)
-        pos = pos.T
 
         def windows(rows, cols):
             return gather_windows(acts, cols, pos[rows, cols], rows, self.before, self.after)
