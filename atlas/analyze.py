@@ -73,6 +73,13 @@ class AnalysisOptions:
     logit_k: int = 10
     logit_hist_bins: int = 40
     n_neighbours: int = 10
+    n_align: int = 10  # neuron alignment: largest decoder entries per feature
+    neuron_correlations: bool = True  # correlated neurons: a float32 [F, S·d] sum on the device
+    n_corr_neurons: int = 10  # correlated neurons kept per feature
+    corr_candidates: int = 32  # nearest decoder neighbours each feature's correlation is computed with
+    n_corr_features: int = 10  # correlated features kept per feature (0: none computed)
+    diff_shared: tuple[float, float] = (0.3, 0.7)  # relative-norm range of "shared" (two sources)
+    next_token_effects: str = "top"  # per window token effect on the next token's logit: top, all, none
     save_every: int = 50  # batches between resume files
     scale_batches: int = 4  # batches used to estimate a missing input scale
     progress: bool = True
@@ -279,6 +286,7 @@ class Plan:
     mine: tuple[int, int]
     comm: object = None  # atlas.distributed.Comm under torchrun
     shard: tuple[int, int] | None = None  # (K, N) for --shard K/N
+    _local_neighbours: dict | None = None
 
     @property
     def n_features(self) -> int:
@@ -297,11 +305,29 @@ class Plan:
         lo = b * self.options.batch_size
         return lo, min(lo + self.options.batch_size, self.tokens.shape[0])
 
+    def local_neighbours(self) -> dict:
+        """Nearest neighbours by decoder cosine among the analysed features (ids ``0..n-1`` of them),
+        as many as the pages and the feature-correlation candidates need; computed once, before the pass."""
+        if self._local_neighbours is None:
+            from .stats import nearest_neighbours
+
+            st = self.settings
+            n = max(st.n_neighbours, st.n_corr_candidates if st.n_corr_features else 0)
+            W = self.crosscoder.W_dec[self.first:self.stop].to(device=self.device, dtype=torch.float32)
+            self._local_neighbours = nearest_neighbours(W, n)
+        return self._local_neighbours
+
     def new_summaries(self):
         from .stats import FeatureSummaries
 
+        st, cc = self.settings, self.crosscoder
+        candidates = None
+        if st.n_corr_features > 0 and st.n_corr_candidates > 0:
+            candidates = torch.as_tensor(self.local_neighbours()["neighbours"][:, :st.n_corr_candidates],
+                                         dtype=torch.int64)
         return FeatureSummaries(self.n_features, self.settings, self.options.seed, device=self.device,
-                                feature_offset=self.first)
+                                feature_offset=self.first, width=cc.n_sources * cc.d_model,
+                                n_sources=cc.n_sources, candidates=candidates)
 
     def state_path(self, cache_dir: Path) -> Path:
         name = STATE_FILE if self.comm is None else f"summaries.rank{self.comm.rank}-of-{self.comm.world}.pt"
@@ -347,6 +373,10 @@ def prepare(crosscoder, models, tokens: torch.Tensor, options: AnalysisOptions, 
         top_k=options.top_k, n_intervals=options.n_intervals, interval_k=options.interval_k,
         window_before=options.window_before, window_after=options.window_after, logit_k=options.logit_k,
         n_neighbours=options.n_neighbours, seq_len=T, n_sequences=N, exclude_bos=options.exclude_bos,
+        n_align=options.n_align, n_corr_neurons=options.n_corr_neurons if options.neuron_correlations else 0,
+        n_corr_candidates=options.corr_candidates, n_corr_features=options.n_corr_features,
+        diff_shared_lo=float(options.diff_shared[0]), diff_shared_hi=float(options.diff_shared[1]),
+        next_token_effects=options.next_token_effects,
     )
     inputs_fp = inputs_fingerprint(crosscoder, models.sources, tokens, options, settings, dtype)
     fp = fingerprint(inputs_fp, first, stop, among)
@@ -459,15 +489,14 @@ def _fold(plan: Plan, summaries, stream, encode, state_path: Path, input_scale, 
     try:
         for b_idx, lo, hi, x in stream:
             acts = encode(x)
-            del x
             _check_finite(acts, "the crosscoder's feature activations", lo, hi,
                           "check the checkpoint's weights and the input scale (--scale)")
             counted = counted_mask(plan.tokens[lo:hi], plan.models.bos_token_id,
                                    plan.options.exclude_bos).to(acts.device)
             done = None  # the summaries are mid-update until the batch is folded in
-            summaries.update(acts, counted, seq_offset=lo)
+            summaries.update(acts, counted, seq_offset=lo, x=x)
             done = b_idx + 1
-            del acts
+            del acts, x
             bar.update((hi - lo) * T)
             since_save += 1
             if since_save >= plan.options.save_every and done < plan.mine[1]:
@@ -504,6 +533,8 @@ def finish_inputs(plan: Plan, encode: "FeatureEncoder") -> FinishInputs:
     if plan.first != 0 or plan.among != plan.stop:
         neighbours = neighbours_in_dictionary(plan.crosscoder.W_dec[: plan.among], plan.first, plan.stop,
                                               plan.settings.n_neighbours, plan.device, plan.dtype)
+    else:  # computed before the pass (feature-correlation candidates)
+        neighbours = {k: v[:, :plan.settings.n_neighbours] for k, v in plan.local_neighbours().items()}
     return FinishInputs(W_dec=W_dec, unembeddings=plan.models.unembeddings(), neighbours=neighbours,
                         vocab=plan.models.vocab())
 
@@ -571,14 +602,22 @@ def make_manifest(plan: Plan, input_scale, widths, n_tokens: int) -> "cache_form
 def assemble(summaries, inputs: FinishInputs, manifest, tokens, logit_hist_bins: int) -> "cache_format.Cache":
     """The cache: the summaries' arrays, decoder geometry, neighbours and logit effects (``manifest`` is
     completed with the number of counted tokens)."""
-    from .stats import decoder_norms, logit_effects, nearest_neighbours
+    from .stats import decoder_norms, example_windows, logit_effects, nearest_neighbours, neuron_alignment
 
     settings = manifest.settings
     arrays = summaries.finalize()
+    if "fcorr_ids" in arrays:  # candidate ids are local to the analysed features
+        arrays["fcorr_ids"] = np.where(arrays["fcorr_ids"] >= 0, arrays["fcorr_ids"] + manifest.feature_offset,
+                                       -1).astype(np.int32)
     W_dec = inputs.W_dec
     neighbours = inputs.neighbours or nearest_neighbours(W_dec, settings.n_neighbours)
-    geometry = decoder_norms(W_dec) | neighbours
-    logits = logit_effects(W_dec, inputs.unembeddings, settings.logit_k, logit_hist_bins)
+    geometry = decoder_norms(W_dec, settings.diff_shared_lo, settings.diff_shared_hi) | neighbours
+    if settings.n_align > 0:
+        geometry |= neuron_alignment(W_dec, settings.n_align)
+    windows = example_windows(arrays, settings.next_token_effects)
+    logits = logit_effects(W_dec, inputs.unembeddings, settings.logit_k, logit_hist_bins, windows=windows,
+                           tokens=tokens, window_before=settings.window_before)
+    arrays |= {name: logits.pop(name) for name in windows}
     feature_stats = _fill(cache_format.FeatureStats, arrays | geometry)
     examples = _fill(cache_format.Examples, arrays)
     manifest.n_tokens = int(summaries.scalars.n_tokens)
