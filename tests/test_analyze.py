@@ -271,3 +271,117 @@ def test_nan_activations_are_an_atlas_error(diff_setup, tmp_path):
     broken.W_enc[0, 0, 3] = float("nan")
     with pytest.raises(AtlasError, match="NaN"):
         run_analysis(broken, models, tokens, OPTIONS, tmp_path, CPU, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def brute_x(diff_setup, brute):
+    """The sources' activations x[N, T, S, d] (model units) by plain forward hooks, and the counted mask."""
+    cc, models, tokens = diff_setup
+    _, _, hf = brute
+    x = torch.stack([resid_post(m, tokens, 1) for m in hf], dim=2)
+    return x.double().numpy(), (tokens != models.bos_token_id).numpy()
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    den = np.sqrt((a * a).sum(0))[:, None] * np.sqrt((b * b).sum(0))[None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (a.T @ b) / np.where(den > 0, den, 1), np.nan)
+
+
+def test_correlated_neurons_match_brute_force(diff_cache, brute, brute_x):
+    _, cache, _ = diff_cache
+    acts, _, _ = brute
+    x, counted = brute_x
+    F, (S, d) = acts.shape[-1], x.shape[-2:]
+    corr = _pearson(acts[counted].astype(np.float64), x[counted].reshape(-1, S * d))
+    fs = cache.features
+    assert fs.ncorr_val.shape == (F, 10) and fs.ncorr_source.dtype == np.int32
+    assert (fs.ncorr_source[0] == -1).all()  # the dead feature
+    for f in range(1, F):
+        got = fs.ncorr_source[f] * d + fs.ncorr_dim[f]
+        np.testing.assert_allclose(fs.ncorr_val[f], corr[f, got], atol=1e-4)
+        strongest = np.sort(np.abs(corr[f]))[::-1][:10]
+        np.testing.assert_allclose(np.abs(fs.ncorr_val[f]), strongest, atol=1e-4)
+
+
+def test_correlated_features_match_brute_force(diff_setup, diff_cache, brute):
+    cc, _, _ = diff_setup
+    _, cache, _ = diff_cache
+    acts, _, _ = brute
+    counted = acts.any(-1) | True
+    a = acts.reshape(-1, acts.shape[-1]).astype(np.float64)
+    n_tokens = cache.manifest.n_tokens
+    keep = np.ones(len(a), bool)
+    keep[::acts.shape[1]] = False  # BOS positions (first of each sequence) are not counted
+    assert keep.sum() == n_tokens and counted.all()
+    full = _pearson(a[keep], a[keep])
+    flat = cc.W_dec.reshape(cc.n_features, -1).double().numpy()
+    unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    fs = cache.features
+    for f in range(1, cc.n_features):
+        cand = np.argsort(-sims[f], kind="stable")[:32]
+        vals = full[f, cand]
+        ok = ~np.isnan(vals)
+        order = np.argsort(-vals[ok], kind="stable")[:10]
+        n = len(order)
+        np.testing.assert_allclose(fs.fcorr_val[f, :n], vals[ok][order], atol=1e-5)
+        assert set(fs.fcorr_ids[f, :n]) <= set(cand)
+        np.testing.assert_allclose(full[f, fs.fcorr_ids[f, :n]], fs.fcorr_val[f, :n], atol=1e-5)
+
+
+def test_alignment_and_diff_class(diff_setup, diff_cache):
+    cc, _, _ = diff_setup
+    _, cache, _ = diff_cache
+    fs = cache.features
+    flat = cc.W_dec.reshape(cc.n_features, -1).numpy()
+    d = cc.d_model
+    for f in range(cc.n_features):
+        got = fs.align_source[f] * d + fs.align_dim[f]  # shared features have tied entries in both sources
+        np.testing.assert_allclose(np.abs(fs.align_val[f]), np.sort(np.abs(flat[f]))[::-1][:10], rtol=1e-6)
+        np.testing.assert_allclose(fs.align_val[f], flat[f, got], rtol=1e-6)
+        np.testing.assert_allclose(fs.align_l1_frac[f], np.abs(flat[f, got]) / np.abs(flat[f]).sum(), rtol=1e-5)
+    want = np.where(fs.rel_norm < 0.3, 0, np.where(fs.rel_norm > 0.7, 2, 1))
+    np.testing.assert_array_equal(fs.diff_class, want)
+    # the factory's kinds: shared (f % 4 in {0, 3}), A-only (1), B-only (2)
+    assert (fs.diff_class[1::4] == 0).all() and (fs.diff_class[2::4] == 2).all() and (fs.diff_class[::4] == 1).all()
+
+
+def test_next_token_effects_of_top_examples(diff_setup, diff_cache, brute):
+    cc, _, tokens = diff_setup
+    _, cache, _ = diff_cache
+    _, _, hf = brute
+    ex = cache.examples
+    F, K, W = ex.top_window.shape
+    assert ex.top_next_logit.shape == (F, K, W, 2) and ex.top_next_logit.dtype == np.float16
+    assert ex.iv_next_logit is None  # only for top examples by default
+    T = tokens.shape[1]
+    for s, model in enumerate(hf):
+        U = (model.model.norm.weight[:, None] * model.lm_head.weight.T).detach().double().numpy()
+        eff = cc.W_dec[:, s].double().numpy() @ U  # [F, V]
+        for f in range(F):
+            for j in range(K):
+                q, p = ex.top_seq[f, j], ex.top_pos[f, j]
+                for w in range(W):
+                    t = p - 4 + w
+                    got = float(ex.top_next_logit[f, j, w, s])
+                    if q < 0 or t < 0 or t + 1 >= T:
+                        assert got == 0
+                        continue
+                    want = float(ex.top_window[f, j, w]) * eff[f, tokens[q, t + 1]]
+                    assert got == pytest.approx(want, rel=2e-3, abs=1e-3)
+
+
+def test_optional_statistics_can_be_switched_off(diff_setup, tmp_path):
+    cc, models, tokens = diff_setup
+    options = dataclasses.replace(OPTIONS, neuron_correlations=False, n_corr_features=0, n_align=0,
+                                  next_token_effects="all")
+    run_analysis(cc, models, tokens[:10], options, tmp_path, CPU, torch.float32)
+    cache = read_cache(tmp_path)
+    fs, ex = cache.features, cache.examples
+    assert fs.ncorr_val is None and fs.fcorr_ids is None and fs.align_val is None
+    assert fs.diff_class is not None and ex.top_next_logit is not None
+    assert ex.iv_next_logit.shape == ex.iv_window.shape + (2,)
