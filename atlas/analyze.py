@@ -593,6 +593,7 @@ def make_manifest(plan: Plan, input_scale, widths, n_tokens: int) -> "cache_form
             "n_features_total": cc.n_features, "input_scale": [float(v) for v in torch.as_tensor(input_scale).tolist()],
             "input_scale_estimated": bool(cc.input_scale is None), "dtype": str(plan.dtype).replace("torch.", ""),
             "fingerprint": plan.fingerprint, "inputs_fingerprint": plan.inputs_fingerprint,
+            "neighbours_among": plan.among,
         },
         dataset=plan.options.dataset, feature_offset=plan.first,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

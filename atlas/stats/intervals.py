@@ -189,11 +189,13 @@ class IntervalSamples:
     def finalize(self) -> dict:
         """numpy ``iv_seq, iv_pos`` (int32, -1 = empty), ``iv_act``, ``iv_window`` (fp16), ``iv_width``.
 
-        Within an interval the samples are ordered by activation, highest first.
+        Within an interval the samples are ordered by activation, highest first, equal activations by key:
+        the order depends on the kept samples only, not on the order batches or shards were folded in.
         """
         empty = self.key == EMPTY
-        order = torch.sort(torch.where(empty, -torch.inf, self.act), dim=-1, descending=True,
-                           stable=True).indices
+        by_key = torch.sort(self.key, dim=-1, stable=True).indices
+        acts = torch.where(empty, -torch.inf, self.act).gather(2, by_key)
+        order = by_key.gather(2, torch.sort(acts, dim=-1, descending=True, stable=True).indices)
         empty = empty.gather(2, order)
         seq = torch.where(empty, -1, self.seq.gather(2, order))
         pos = torch.where(empty, -1, self.pos.gather(2, order))
