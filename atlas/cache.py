@@ -114,7 +114,7 @@ class Settings:
     exclude_bos: bool = True
     n_align: int = 10  # neuron alignment: largest decoder entries per feature
     n_corr_neurons: int = 10  # correlated neurons per feature (0: not computed)
-    n_corr_candidates: int = 32  # decoder-cosine neighbours whose correlation is computed
+    n_corr_candidates: int = 16  # decoder-cosine neighbours whose correlation is computed
     n_corr_features: int = 10  # correlated features kept per feature (0: not computed)
     diff_shared_lo: float = 0.3  # diff_class: relative norm below → model-A-only
     diff_shared_hi: float = 0.7  # diff_class: relative norm above → model-B-only

@@ -323,7 +323,7 @@ def test_correlated_features_match_brute_force(diff_setup, diff_cache, brute):
     np.fill_diagonal(sims, -np.inf)
     fs = cache.features
     for f in range(1, cc.n_features):
-        cand = np.argsort(-sims[f], kind="stable")[:32]
+        cand = np.argsort(-sims[f], kind="stable")[:16]
         vals = full[f, cand]
         ok = ~np.isnan(vals)
         order = np.argsort(-vals[ok], kind="stable")[:10]

@@ -156,25 +156,39 @@ class FeatureCorrelations:
         self.sum_fg = torch.zeros(F, C, dtype=torch.float64, device=device)
 
     def update(self, acts: torch.Tensor, n_counted: torch.Tensor, nz_tok: torch.Tensor, nz_f: torch.Tensor,
-               nz_vals: torch.Tensor, block: int = 2**21) -> None:
+               nz_vals: torch.Tensor, block: int = 2**22) -> None:
         """Fold a batch: ``acts[N, F]`` (zero at tokens not counted), its counted-token count, and its
-        nonzero entries. ``Σf·g`` only needs the entries where f is active: ``acts[t, cand[f]]`` there."""
+        nonzero entries. ``Σf·g`` only needs the entries where f is active: ``acts[t, cand[f]]`` there,
+        read with one flat gather per block of entries (entries come in token order, so each block reads
+        a few rows of ``acts``)."""
         F, C = self.cand.shape
+        N = acts.shape[0]
         self.n += n_counted
         v = nz_vals.to(torch.float64)
         self.sum_f.index_add_(0, nz_f, v)
         self.sum_f2.index_add_(0, nz_f, v * v)
         if C == 0 or nz_f.numel() == 0:
             return
-        valid = self.cand >= 0
-        cand = self.cand.clamp_min(0)
+        # missing candidates (-1) read column 0: their sums are never used (see ``correlation``)
+        index_dtype = torch.int32 if N * F < 2**31 else torch.int64
+        cand = self._cand_index(index_dtype)
+        flat = acts.reshape(-1)
         batch = torch.zeros(F, C, dtype=torch.float32, device=acts.device)
         step = max(1, block // C)
         for lo in range(0, nz_f.numel(), step):
             f, t, val = nz_f[lo:lo + step], nz_tok[lo:lo + step], nz_vals[lo:lo + step]
-            g = acts[t[:, None], cand[f]] * valid[f]  # [m, C]
-            batch.index_add_(0, f, g * val[:, None].to(g.dtype))
-        self.sum_fg += batch.double()
+            idx = cand.index_select(0, f)
+            idx += (t * F).to(index_dtype)[:, None]
+            g = flat.index_select(0, idx.view(-1)).view(-1, C)
+            g *= val[:, None].to(g.dtype)
+            batch.index_add_(0, f, g)
+        self.sum_fg += batch
+
+    def _cand_index(self, dtype) -> torch.Tensor:
+        cached = getattr(self, "_cand_cache", None)
+        if cached is None or cached.dtype != dtype or cached.device != self.cand.device:
+            cached = self._cand_cache = self.cand.clamp_min(0).to(dtype)
+        return cached
 
     def merge(self, other: "FeatureCorrelations") -> "FeatureCorrelations":
         """``self`` ⊕ ``other`` (in place; returns self). Both must have the same candidates."""
@@ -224,6 +238,7 @@ class FeatureCorrelations:
         dev = self.sum_fg.device
         for name in self.FIELDS + ("cand",):
             setattr(self, name, state[name].to(dev))
+        self._cand_cache = None
 
 
 def sparse_t_matmul(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_rows: int,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .slots import assign_slots, gather_windows
+from .slots import BatchEntries, assign_slots
 
 EMPTY = torch.iinfo(torch.int64).max
 UNSET = -(2**20)  # exponent of a feature never seen active
@@ -85,25 +85,31 @@ class IntervalSamples:
 
     # ------------------------------------------------------------------ updates
 
-    def update(self, acts: torch.Tensor, seq_offset: int, nz_b, nz_pos, nz_f, nz_vals) -> None:
-        """Fold a batch: ``acts[B, T, F]`` of sequences ``seq_offset + b`` and its nonzero entries
-        (sequence in batch, position, feature, value)."""
-        F, T = self.exponent.shape[0], acts.shape[1]
-        batch_max = torch.zeros(F, dtype=torch.float32, device=acts.device)
+    def update(self, batch: BatchEntries, seq_offset: int) -> None:
+        """Fold a batch (:class:`BatchEntries`) of sequences ``seq_offset + b``: its nonzero entries."""
+        F, T = self.exponent.shape[0], batch.acts.shape[1]
+        nz_b, nz_pos, nz_f, nz_vals = batch.b, batch.pos, batch.f, batch.vals
+        batch_max = torch.zeros(F, dtype=torch.float32, device=nz_vals.device)
         batch_max.scatter_reduce_(0, nz_f, nz_vals, reduce="amax")
         new_exp = torch.where(batch_max > 0, power_of_two_exponent(batch_max), UNSET)
         self._rescale(torch.maximum(self.exponent, new_exp))
-        seq = nz_b + seq_offset
-        keys = interval_keys(self.seed, seq * T + nz_pos, nz_f + self.feature_offset)
         bins = value_bins(nz_vals, self.exponent[nz_f], self.G)
-        # only keys below a full bin's largest kept key can enter (a bin with a free slot has max EMPTY)
-        hope = (keys < self.key.amax(dim=2)[nz_f, bins]).nonzero(as_tuple=True)[0]
+        # only keys below a full bin's largest kept key can enter (a bin with a free slot has max EMPTY);
+        # the key's high 31 bits decide for almost all entries, so the low half is hashed for the rest
+        bound = self.key.amax(dim=2)[nz_f, bins]
+        gtok = (nz_b + seq_offset) * T + nz_pos
+        fid = nz_f + self.feature_offset
+        high = _mix31(self.seed, gtok, fid, _MIX[0])
+        maybe = (high <= bound >> 31).nonzero(as_tuple=True)[0]
+        keys = high[maybe] * (2**31) + _mix31(self.seed, gtok[maybe], fid[maybe], _MIX[1])
+        hope = maybe[keys < bound[maybe]]
+        keys = keys[keys < bound[maybe]]
         b, pos, f, vals = nz_b[hope], nz_pos[hope], nz_f[hope], nz_vals[hope]
 
         def windows(entries):
-            return gather_windows(acts, b[entries], pos[entries], f[entries], self.before, self.after)
+            return batch.windows(b[entries], pos[entries], f[entries], self.before, self.after)
 
-        self._insert(f, bins[hope], keys[hope], seq[hope], pos, vals, windows)
+        self._insert(f, bins[hope], keys, b + seq_offset, pos, vals, windows)
 
     def merge(self, other: "IntervalSamples") -> "IntervalSamples":
         """``self`` ⊕ ``other`` (in place; returns self). ``other`` is rescaled on a copy."""

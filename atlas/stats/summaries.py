@@ -16,6 +16,7 @@ import torch
 from .correlations import FeatureCorrelations, NeuronCorrelations
 from .intervals import IntervalSamples
 from .scalars import ScalarStats
+from .slots import BatchEntries
 from .top import TopExamples
 
 
@@ -65,13 +66,14 @@ class FeatureSummaries:
         skipped = (~counted).nonzero(as_tuple=True)[0]
         if skipped.numel():
             flat.index_fill_(0, skipped, 0.0)
-        nz_tok, nz_f = (flat > 0).nonzero(as_tuple=True)
-        nz_vals = flat[nz_tok, nz_f]
-        nz_b, nz_pos = nz_tok // T, nz_tok % T
+        nz_b, nz_pos, nz_f = (acts > 0).nonzero(as_tuple=True)
+        nz_tok = nz_b * T + nz_pos
+        nz_vals = flat.view(-1).index_select(0, nz_tok * F + nz_f)
         n_counted = counted.sum()
         self.scalars.update(n_counted, nz_f, nz_vals)
-        self.top.update(acts, seq_offset, nz_b, nz_pos, nz_f, nz_vals)
-        self.intervals.update(acts, seq_offset, nz_b, nz_pos, nz_f, nz_vals)
+        batch = BatchEntries(acts, nz_b, nz_pos, nz_f, nz_vals)
+        self.top.update(batch, seq_offset)
+        self.intervals.update(batch, seq_offset)
         if self.neurons is not None:
             if x is None:
                 raise ValueError("neuron correlations need the sources' activations x")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .slots import assign_slots, gather_windows
+from .slots import BatchEntries, assign_slots
 
 
 class TopExamples:
@@ -25,44 +25,56 @@ class TopExamples:
         self.pos = torch.full((n_features, k), -1, dtype=torch.int64, device=device)
         self.window = torch.zeros(n_features, k, W, dtype=torch.float16, device=device)
 
-    def update(self, acts: torch.Tensor, seq_offset: int, nz_b, nz_pos, nz_f, nz_vals) -> None:
-        """Fold a batch ``acts[B, T, F]`` (zero at tokens not counted) of sequences ``seq_offset + b``,
-        given its nonzero entries (sequence in batch, position, feature, value)."""
-        B, T, F = acts.shape
-        pair = nz_b * F + nz_f
-        best = torch.zeros(B * F, dtype=acts.dtype, device=acts.device)
-        best.scatter_reduce_(0, pair, nz_vals, reduce="amax")
-        at_best = nz_vals == best[pair]  # the first position holding the sequence's maximum wins
-        first = torch.full((B * F,), T, dtype=torch.int64, device=acts.device)
-        first.scatter_reduce_(0, pair[at_best], nz_pos[at_best], reduce="amin")
-        value = torch.where(best > 0, best, -torch.inf).view(B, F).T
-        pos = first.view(B, F).T
-        seq = (torch.arange(B, device=acts.device) + seq_offset)[None, :].expand_as(value)
+    def update(self, batch: BatchEntries, seq_offset: int) -> None:
+        """Fold a batch (:class:`BatchEntries`: activations zero at tokens not counted, and their nonzero
+        entries) of sequences ``seq_offset + b``. Each (sequence, feature) offers its maximum, at the
+        first position holding it; only features whose best offer can enter are re-sorted."""
+        B, T, F = batch.acts.shape
+        dev = batch.acts.device
+        pair = batch.b * F + batch.f
+        best = torch.zeros(B * F, dtype=batch.vals.dtype, device=dev)
+        best.scatter_reduce_(0, pair, batch.vals, reduce="amax")
+        at_best = batch.vals == best[pair]
+        first = torch.full((B * F,), T, dtype=torch.int64, device=dev)
+        first.scatter_reduce_(0, pair[at_best], batch.pos[at_best], reduce="amin")
+        value = torch.where(best > 0, best, -torch.inf).view(B, F).T  # [F, B]
+        # a feature's offers can enter if the best reaches its lowest kept value (-inf: a free slot)
+        rows = (value.amax(dim=1) >= self.value.amin(dim=1)).nonzero(as_tuple=True)[0]
+        rows = rows[value[rows].amax(dim=1) > -torch.inf]
+        if rows.numel() == 0:
+            return
+        value = value[rows]
+        pos = first.view(B, F).T[rows]
+        seq = (torch.arange(B, device=dev) + seq_offset)[None, :].expand_as(value)
 
-        def windows(rows, cols):
-            return gather_windows(acts, cols, pos[rows, cols], rows, self.before, self.after)
+        def windows(r, cols):
+            return batch.windows(cols, pos[r, cols], rows[r], self.before, self.after)
 
-        self._insert(value, seq, pos, windows)
+        self._insert(rows, value, seq, pos, windows)
 
     def merge(self, other: "TopExamples") -> "TopExamples":
         """``self`` ⊕ ``other`` (in place; returns self)."""
         dev = self.value.device
         o_window = other.window.to(dev)
-        self._insert(other.value.to(dev), other.seq.to(dev), other.pos.to(dev),
-                     lambda rows, cols: o_window[rows, cols])
+        rows = torch.arange(self.value.shape[0], device=dev)
+        self._insert(rows, other.value.to(dev), other.seq.to(dev), other.pos.to(dev),
+                     lambda r, cols: o_window[r, cols])
         return self
 
-    def _insert(self, value, seq, pos, windows) -> None:
-        union_v = torch.cat([self.value, value], dim=1)
-        union_s = torch.cat([self.seq, seq], dim=1)
+    def _insert(self, rows, value, seq, pos, windows) -> None:
+        """Offer candidates ``value/seq/pos[len(rows), m]`` to the slots of features ``rows``;
+        ``windows(r, cols)`` gives the windows of candidates ``(r, cols)`` (r indexes ``rows``)."""
+        union_v = torch.cat([self.value[rows], value], dim=1)
+        union_s = torch.cat([self.seq[rows], seq], dim=1)
         by_seq = torch.sort(union_s, dim=1, stable=True).indices
         by_value = torch.sort(union_v.gather(1, by_seq), dim=1, descending=True, stable=True).indices
         order = by_seq.gather(1, by_value)
-        rows, cols, slots = assign_slots(order, union_v > -torch.inf, self.k)
-        self.value[rows, slots] = value[rows, cols]
-        self.seq[rows, slots] = seq[rows, cols]
-        self.pos[rows, slots] = pos[rows, cols]
-        self.window[rows, slots] = windows(rows, cols)
+        r, cols, slots = assign_slots(order, union_v > -torch.inf, self.k)
+        f = rows[r]
+        self.value[f, slots] = value[r, cols]
+        self.seq[f, slots] = seq[r, cols]
+        self.pos[f, slots] = pos[r, cols]
+        self.window[f, slots] = windows(r, cols)
 
     def finalize(self) -> dict:
         """numpy ``top_seq, top_pos`` (int32, -1 = empty), ``top_act`` (float32), ``top_window`` (float16)."""

@@ -1,0 +1,44 @@
+"""atlas.stats fast paths give the same numbers as the plain ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from atlas.stats.intervals import interval_keys
+from atlas.stats.slots import BatchEntries, gather_windows
+
+
+def test_sparse_and_dense_windows_agree():
+    g = torch.Generator().manual_seed(0)
+    B, T, F = 3, 11, 6
+    acts = torch.relu(torch.randn(B, T, F, generator=g) - 0.7)
+    acts[1, 4] = 0  # an uncounted token
+    b, pos, f = acts.nonzero(as_tuple=True)
+    batch = BatchEntries(acts, b, pos, f, acts[b, pos, f])
+    qb = torch.randint(0, B, (200,), generator=g)
+    qp = torch.randint(0, T, (200,), generator=g)
+    qf = torch.randint(0, F, (200,), generator=g)
+    qp[:3] = torch.tensor([0, T - 1, 5])
+    for before, after in ((3, 2), (0, 0), (12, 12)):
+        dense = batch.windows(qb, qp, qf, before, after, sparse=False)
+        sparse = batch.windows(qb, qp, qf, before, after, sparse=True)
+        assert torch.equal(dense, sparse)
+        want = np.zeros((200, before + 1 + after), np.float32)
+        for m in range(200):
+            for j in range(before + 1 + after):
+                t = int(qp[m]) - before + j
+                if 0 <= t < T:
+                    want[m, j] = acts[qb[m], t, qf[m]]
+        np.testing.assert_array_equal(dense.float().numpy(), want.astype(np.float16).astype(np.float32))
+    assert torch.equal(gather_windows(acts, qb, qp, qf, 3, 2), batch.windows(qb, qp, qf, 3, 2))
+
+
+def test_interval_keys_split_in_two_halves():
+    from atlas.stats.intervals import _MIX, _mix31
+
+    gtok = torch.arange(0, 10**6, 997)
+    f = torch.full_like(gtok, 5)
+    keys = interval_keys(3, gtok, f)
+    assert torch.equal(keys >> 31, _mix31(3, gtok, f, _MIX[0]))
+    assert torch.equal(keys & (2**31 - 1), _mix31(3, gtok, f, _MIX[1]))
