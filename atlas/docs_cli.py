@@ -30,7 +30,8 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.Arg
 
 
 def option_strings(parser: argparse.ArgumentParser) -> list[str]:
-    """Every option string (``-o``, ``--output``, ...) and positional name of ``parser``, help excluded."""
+    """Every option string (``-o``, ``--output``, ...) and positional argument (as its help shows it:
+    the metavar, else the name) of ``parser``, help excluded."""
     names: list[str] = []
     for action in parser._actions:
         if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
@@ -38,7 +39,7 @@ def option_strings(parser: argparse.ArgumentParser) -> list[str]:
         if action.option_strings:
             names.extend(action.option_strings)
         else:
-            names.append(action.dest)
+            names.append(action.metavar or action.dest)
     return names
 
 
@@ -66,7 +67,8 @@ def _expand(action: argparse.Action, prog: str) -> str:
 def _signature(action: argparse.Action) -> str:
     if not action.option_strings:
         name = action.metavar or action.dest
-        return f"`{name}`" + (" (optional)" if action.nargs == "?" else "")
+        extra = {"?": " (optional)", "*": " (any number)", "+": " (one or more)"}.get(action.nargs, "")
+        return f"`{name}`{extra}"
     takes_value = action.nargs != 0
     if takes_value:
         if action.choices is not None and action.metavar is None:

@@ -140,6 +140,13 @@ def test_every_option_mentioned_in_the_docs_exists():
     assert not unknown, unknown
 
 
+def test_readme_lists_every_command():
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("## Commands", 1)[1].split("\n## ", 1)[0]
+    for name in subcommands(build_parser()):
+        assert f"| `atlas {name}" in table, f"the README's command table lacks atlas {name}"
+
+
 def test_readme_quickstart_is_the_two_make_targets():
     readme = (REPO / "README.md").read_text()
     quick = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
