@@ -6,10 +6,15 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
-from .errors import AtlasError
+from .errors import AtlasError, os_error
+
+# what a folder that already holds an analysis cache (complete or interrupted) contains
+_CACHE_ENTRIES = ("manifest.json", "state", "vocab.json", "tokens.npy", "features.npz", "examples.npz", "logits.npz")
+
 
 
 def _cache_dir_for(args) -> Path:
@@ -17,6 +22,53 @@ def _cache_dir_for(args) -> Path:
         return Path(args.cache)
     out = Path(args.output)
     return out.parent / (out.name + ".atlas-data")
+
+
+def check_writable(folder: Path) -> None:
+    """Raise AtlasError unless files can be created in ``folder`` (or, when it does not exist yet, in its
+    nearest existing parent); nothing is left behind."""
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise AtlasError(f"{probe} is a file, so {folder} cannot be created: pass -o/--output with a folder path")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".atlas-write-test-"):
+            pass
+    except OSError as exc:  # reported for the folder, not for the probe file's random name
+        raise os_error(OSError(exc.errno, exc.strerror), probe) from None
+
+
+def check_cache_folder(cache_dir: Path) -> None:
+    """Raise AtlasError when ``cache_dir`` is a file or a non-empty folder that holds no analysis cache."""
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise AtlasError(f"the analysis cache path {cache_dir} is a file: pass another folder "
+                         "(-o/--output for atlas analyze, --cache for atlas build)")
+    if cache_dir.is_dir():
+        names = {p.name for p in cache_dir.iterdir()}
+        if names and not names & set(_CACHE_ENTRIES):
+            raise AtlasError(f"the folder {cache_dir} is not empty and holds no analysis cache (no manifest.json): "
+                             "pass an empty or new folder (-o/--output for atlas analyze, --cache for atlas "
+                             f"build), or remove {cache_dir} first")
+    check_writable(cache_dir)
+
+
+def check_features_alive(cache_dir: Path, manifest) -> None:
+    """Raise AtlasError when no analysed feature ever fired (the cache stays, for `atlas render`)."""
+    import numpy as np
+
+    with np.load(Path(cache_dir) / "features.npz", allow_pickle=False) as z:
+        n_active = z["n_active"]
+    if n_active.size and not n_active.any():
+        total = int(manifest.checkpoint.get("n_features_total", n_active.size))
+        more = f", or --n-features 0 to analyse all {total:,} features" if total > n_active.size else ""
+        raise AtlasError(
+            f"all {n_active.size:,} analysed features are dead (never active over {manifest.n_tokens:,} tokens): "
+            "the models, hook point or input scale do not match what the crosscoder was trained on; check them "
+            f"with `atlas inspect` and pass --model, --hook-point or --scale{more} (`atlas render {cache_dir}` "
+            "shows this analysis anyway)"
+        )
 
 
 def analyze_command(args, cache_dir: Path | None = None):
@@ -27,6 +79,9 @@ def analyze_command(args, cache_dir: Path | None = None):
     from .models import load_models, pick_device
 
     cache_dir = Path(cache_dir or args.output)
+    check_cache_folder(cache_dir)
+    if args.save_every < 1:
+        raise AtlasError(f"--save-every must be at least 1 (got {args.save_every})")
     device, dtype = pick_device(args.device, args.dtype)
 
     # load
@@ -47,15 +102,21 @@ def analyze_command(args, cache_dir: Path | None = None):
         exclude_bos=not args.include_bos,
         seed=args.seed,
         dataset=args.dataset or "demo corpus",
+        save_every=args.save_every,
     )
-    return run_analysis(crosscoder, models, tokens, options, cache_dir, device=device, dtype=dtype)
+    manifest = run_analysis(crosscoder, models, tokens, options, cache_dir, device=device, dtype=dtype)
+    check_features_alive(cache_dir, manifest)
+    return manifest
 
 
 def render_command(args, cache_dir: Path | None = None):
     """Read the cache and write the site atomically. Returns the render summary."""
     from .render import render_site
+    from .render.output import check_output
 
     cache_dir = Path(cache_dir or args.cache)
+    check_output(Path(args.output))
+    check_writable(Path(args.output).absolute().parent)
     return render_site(cache_dir, Path(args.output), title=args.title, labels=args.labels)
 
 
@@ -68,10 +129,13 @@ def inspect_command(args) -> None:
 
 def build(args) -> None:
     """``atlas build``: analyse, render, verify, and print where the site is."""
+    from .render.output import check_output
     from .render.verify import verify_site
 
     start = time.perf_counter()
     cache_dir = _cache_dir_for(args)
+    check_output(Path(args.output))  # before the analysis: a refused output folder must not cost a run
+    check_writable(Path(args.output).absolute().parent)
     manifest = analyze_command(args, cache_dir)
     summary = render_command(args, cache_dir)
     problems = verify_site(Path(args.output))

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import AtlasError
+from .errors import AtlasError, os_error
 
 DEFAULT_SITE = "site"
 DEFAULT_CACHE = "atlas-data"
@@ -71,6 +71,9 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include-bos", action="store_true",
                    help="count beginning-of-sequence tokens in the statistics (excluded by default)")
     p.add_argument("--seed", type=int, default=0, help="seed for corpus sampling and interval sampling (default: 0)")
+    p.add_argument("--save-every", type=int, default=50, metavar="N",
+                   help="save the resumable analysis state every N batches, so that a crashed or killed run "
+                   "loses at most N batches (default: 50; Ctrl-C and SIGTERM always save)")
 
 
 def _add_render_options(p: argparse.ArgumentParser) -> None:
@@ -161,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     except AtlasError as exc:
         print(f"atlas: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # disk full, permission denied, ...: one line naming the path and the fix
+        err = os_error(exc, getattr(args, "output", None))  # the folder written to, when the error has no path
+        print(f"atlas: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("atlas: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

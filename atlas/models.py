@@ -119,7 +119,7 @@ def resolve_hook(model: torch.nn.Module, hook: str) -> ResolvedSite:
         n = len(model.get_submodule(blocks))
         if layer >= n:
             raise AtlasError(f"hook point {hook!r} names layer {layer} but the model has {n} layers "
-                             f"(0..{n - 1}): pass another --hook-point")
+                             f"(0..{n - 1}): pass another --hook-point, or the --model the crosscoder was trained on")
         block = f"{blocks}.{layer}"
         attn, mlp, mids = _FAMILIES.get(blocks, ("self_attn", "mlp", ()))
         if kind == "resid_post":
@@ -287,8 +287,13 @@ class ModelSet:
         return min(len(self.tokenizer), rows)
 
     def vocab(self) -> list[str]:
-        """Display string of every token id (each decoded alone, so leading spaces show)."""
-        return [self.tokenizer.decode([i]) for i in range(self.vocab_size)]
+        """Display string of every token id (each decoded alone, so leading spaces show).
+
+        A token that holds only part of a character's UTF-8 bytes (byte-level BPE splits emoji and many
+        non-Latin characters) decodes to U+FFFD on its own; its bytes are shown instead, the ones that are
+        not valid UTF-8 as ``\\xNN`` (see :func:`token_display`).
+        """
+        return [token_display(self.tokenizer, i) for i in range(self.vocab_size)]
 
     def check_compatible(self, crosscoder) -> None:
         """Raise :class:`AtlasError` unless every source exists and has the crosscoder's width."""
@@ -335,6 +340,51 @@ class ModelSet:
                 self._unembed_cache[src.model] = _unembedding(self.hf_models[src.model], self.vocab_size)
             result.append(self._unembed_cache[src.model])
         return result
+
+
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # SentencePiece byte fallback
+_BYTE_LEVEL_DECODER: dict[str, int] = {}
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE: the printable character standing for each byte → the byte."""
+    if not _BYTE_LEVEL_DECODER:
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+        cs = bs[:]
+        n = 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        _BYTE_LEVEL_DECODER.update({chr(c): b for b, c in zip(bs, cs)})
+    return _BYTE_LEVEL_DECODER
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes | None:
+    """The raw bytes of a byte-level BPE or byte-fallback token; None when the tokenizer has neither."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    if not isinstance(piece, str) or not piece:
+        return None
+    m = _BYTE_TOKEN.match(piece)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    table = _byte_level_decoder()
+    if all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    return None
+
+
+def token_display(tokenizer, token_id: int) -> str:
+    """The string of one token as the site shows it: its decoded text, or, when that holds U+FFFD from
+    a partial UTF-8 sequence, its bytes with the invalid ones written ``\\xNN`` (``\\xf0\\x9f``)."""
+    text = tokenizer.decode([int(token_id)])
+    if "\ufffd" not in text:
+        return text
+    raw = token_bytes(tokenizer, token_id)
+    if raw is None or raw.decode("utf-8", "replace") != text:  # not the bytes this token decodes from
+        return text
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _final_norm_weight(model: torch.nn.Module, d: int) -> torch.Tensor:

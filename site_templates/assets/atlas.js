@@ -34,7 +34,11 @@
 
   /** base64 text (msgpack, raw deflate, base64) -> Promise of the decoded value. */
   Atlas.decode = function (b64) {
-    return inflateRaw(b64ToBytes(b64)).then(function (bytes) { return global.MessagePack.decode(bytes); });
+    try {
+      return inflateRaw(b64ToBytes(b64)).then(function (bytes) { return global.MessagePack.decode(bytes); });
+    } catch (err) {  // invalid base64: reject like the other decode errors
+      return Promise.reject(err);
+    }
   };
 
   /** Decode the payload embedded in <script type="application/x-atlas" id="...">. */
@@ -73,12 +77,17 @@
 
   // ------------------------------------------------------------------ data scripts
   var waiting = {}, arrived = {}, loads = {};
+  /** The error for a data script that cannot be read (truncated, edited, from another site). */
+  function damaged(name, err) {
+    return new Error("data/" + name + ".js is damaged or truncated" + (err && err.message ? " (" + err.message + ")" : "") +
+      "; rebuild the site or upload it again");
+  }
   /** Called by every data script: hands its payload to whoever asked for it. */
   Atlas.chunk = function (name, b64) {
     var w = waiting[name];
     if (w) {
       delete waiting[name];
-      Atlas.decode(b64).then(w.resolve, w.reject);
+      Atlas.decode(b64).then(w.resolve, function (err) { w.reject(damaged(name, err)); });
     } else {
       arrived[name] = b64;
     }
@@ -90,13 +99,16 @@
       if (arrived[name] !== undefined) {
         var b64 = arrived[name];
         delete arrived[name];
-        Atlas.decode(b64).then(resolve, reject);
+        Atlas.decode(b64).then(resolve, function (err) { reject(damaged(name, err)); });
         return;
       }
       waiting[name] = { resolve: resolve, reject: reject };
       var s = doc.createElement("script");
       s.src = Atlas.root + "data/" + name + ".js";
       s.async = true;
+      s.onload = function () {  // ran without handing over its payload: a syntax error, or another name
+        if (waiting[name]) { delete waiting[name]; reject(damaged(name)); }
+      };
       s.onerror = function () {
         delete waiting[name];
         reject(new Error("could not load data/" + name + ".js"));
