@@ -76,7 +76,7 @@ class AnalysisOptions:
     n_align: int = 10  # neuron alignment: largest decoder entries per feature
     neuron_correlations: bool = True  # correlated neurons: a float32 [F, S·d] sum on the device
     n_corr_neurons: int = 10  # correlated neurons kept per feature
-    corr_candidates: int = 32  # nearest decoder neighbours each feature's correlation is computed with
+    corr_candidates: int = 16  # nearest decoder neighbours each feature's correlation is computed with
     n_corr_features: int = 10  # correlated features kept per feature (0: none computed)
     diff_shared: tuple[float, float] = (0.3, 0.7)  # relative-norm range of "shared" (two sources)
     next_token_effects: str = "top"  # per window token effect on the next token's logit: top, all, none
@@ -112,7 +112,12 @@ class FeatureEncoder:
         self.first, self.stop, self.n = first, stop, stop - first
         self.whole = crosscoder.activation == "topk"
         cc = dataclasses.replace(crosscoder) if self.whole else slice_features(crosscoder, self.n, first)
+        # relu / jumprelu: Crosscoder.encode's numbers with one [tokens, F] buffer (bias and activation
+        # applied in place)
+        self.fused = cc.activation in ("relu", "jumprelu") and cc.input_norm is None
         self.crosscoder = cc.to(device=device, dtype=dtype)
+        if self.fused:  # a feature slice is a strided view: copy it once, not at every batch
+            self.crosscoder.W_enc = self.crosscoder.W_enc.contiguous()
 
     @property
     def W_dec(self) -> torch.Tensor:
@@ -122,7 +127,20 @@ class FeatureEncoder:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         B, T, S, d = x.shape
         with torch.inference_mode():
-            f = self.crosscoder.encode(x.reshape(B * T, S, d))
+            if self.fused:
+                cc = self.crosscoder
+                xs = x.reshape(B * T, S, d)
+                if cc.input_scale is not None:
+                    xs = xs * cc.input_scale.to(xs.dtype)[None, :, None]
+                f = torch.einsum("bsd,sdf->bf", xs.to(cc.W_enc.dtype), cc.W_enc)  # as Crosscoder.encode
+                f += cc.b_enc
+                if cc.activation == "jumprelu":
+                    f.masked_fill_(f <= cc.threshold, 0.0)
+                f.relu_()
+                if cc.act_scale is not None:
+                    f.mul_(cc.act_scale)
+            else:
+                f = self.crosscoder.encode(x.reshape(B * T, S, d))
             if self.whole:
                 f = f[:, self.first:self.stop]
         return f.float().reshape(B, T, self.n)
