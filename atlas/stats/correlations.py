@@ -71,7 +71,7 @@ class NeuronCorrelations:
         v = nz_vals.to(torch.float64)
         self.sum_f.index_add_(0, nz_f, v)
         self.sum_f2.index_add_(0, nz_f, v * v)
-        self.sum_fx += sparse_t_matmul(nz_f, nz_tok, nz_vals.float(), F, xs)
+        sparse_t_matmul(nz_f, nz_tok, nz_vals.float(), F, xs, out=self.sum_fx)
 
     def merge(self, other: "NeuronCorrelations") -> "NeuronCorrelations":
         """``self`` ⊕ ``other`` (in place; returns self): ``other``'s sums re-based onto ``self``'s shift."""
@@ -242,12 +242,15 @@ class FeatureCorrelations:
 
 
 def sparse_t_matmul(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_rows: int,
-                    dense: torch.Tensor) -> torch.Tensor:
-    """``A @ dense`` for the sparse ``A[n_rows, N]`` with entries ``A[rows[i], cols[i]] = vals[i]``
-    (float32 ``[n_rows, dense.shape[1]]``). CSR product: the cost grows with the number of entries."""
+                    dense: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out += A @ dense`` (``out`` float32 ``[n_rows, dense.shape[1]]``, zeros when not given) for the
+    sparse ``A[n_rows, N]`` with entries ``A[rows[i], cols[i]] = vals[i]``. A CSR product accumulated in
+    place: the cost grows with the number of entries, and no second ``[n_rows, D]`` buffer is made."""
+    if out is None:
+        out = torch.zeros(n_rows, dense.shape[1], dtype=torch.float32, device=dense.device)
     if rows.numel() == 0:
-        return torch.zeros(n_rows, dense.shape[1], dtype=torch.float32, device=dense.device)
-    order = torch.argsort(rows, stable=True)
+        return out
+    order = torch.argsort(rows.to(torch.int32) if n_rows < 2**31 else rows, stable=True)  # int32 sorts faster
     counts = torch.bincount(rows, minlength=n_rows)
     crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
     torch.cumsum(counts, 0, out=crow[1:])
@@ -255,4 +258,4 @@ def sparse_t_matmul(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, 
         warnings.simplefilter("ignore", UserWarning)
         a = torch.sparse_csr_tensor(crow, cols[order], vals[order].to(dense.dtype),
                                     size=(n_rows, dense.shape[0]), check_invariants=False)
-    return a @ dense
+    return out.addmm_(a, dense)

@@ -161,8 +161,13 @@ class IntervalSamples:
             return
         k, G = self.k, self.G
         group = f * G + bins
-        by_key = torch.sort(keys, stable=True).indices
-        order = by_key[torch.sort(group[by_key], stable=True).indices]
+        # entries by (group, key): one sort of group and the key's high 31 bits; ties there (chance
+        # ~2**-31 per pair) fall back to a stable sort by key, then by group
+        composite = group * (2**31) + (keys >> 31)
+        c_sorted, order = torch.sort(composite, stable=True)
+        if bool((c_sorted[1:] == c_sorted[:-1]).any()):
+            by_key = torch.sort(keys, stable=True).indices
+            order = by_key[torch.sort(group[by_key], stable=True).indices]
         g_sorted = group[order]
         start = torch.ones_like(g_sorted, dtype=torch.bool)
         start[1:] = g_sorted[1:] != g_sorted[:-1]

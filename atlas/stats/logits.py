@@ -74,8 +74,9 @@ def logit_effects(W_dec: torch.Tensor, unembeddings: list[torch.Tensor], k: int,
             mn, mx = eff.aminmax(dim=1)
             span = mx - mn
             inv = torch.where(span > 0, n_bins / span.clamp_min(1e-30), 0.0)
-            bins = ((eff - mn[:, None]) * inv[:, None]).to(torch.int64).clamp_(0, n_bins - 1)
-            bins += torch.arange(c, device=dev)[:, None] * n_bins
+            # int32 bin indices (c · n_bins < 2**31): half the memory traffic of int64
+            bins = eff.sub(mn[:, None]).mul_(inv[:, None]).to(torch.int32).clamp_(0, n_bins - 1)
+            bins += (torch.arange(c, dtype=torch.int32, device=dev) * n_bins)[:, None]
             counts = torch.bincount(bins.view(-1), minlength=c * n_bins).view(c, n_bins)
             out["top_ids"][lo:hi, s] = top.indices.cpu().numpy()
             out["top_vals"][lo:hi, s] = top.values.cpu().numpy()
