@@ -88,19 +88,23 @@ def _zipf_ids(rng: np.random.Generator, n: int, vocab_size: int) -> np.ndarray:
     return (rng.choice(vocab_size - 1, size=n, p=p) + 1).astype(np.int32)
 
 
-def _sparse_windows(rng, centre: np.ndarray, max_act: np.ndarray, wb: int, wa: int) -> np.ndarray:
-    """Activation windows ``[..., W]`` (float16): ``centre`` at position ``wb``, a few smaller values around."""
-    shape = centre.shape
+def _sparse_windows(rng, centre: np.ndarray, wb: int, wa: int, block: int = 4096) -> np.ndarray:
+    """Activation windows ``[..., W]`` (float16): ``centre`` at position ``wb``, a few smaller values around.
+
+    Built ``block`` features at a time so that 100k features stay within a few hundred MB.
+    """
     w = wb + 1 + wa
-    out = np.zeros(shape + (w,), dtype=np.float32)
-    live = centre > 0
-    # about 3 other active positions per window, below the centre value
-    others = rng.random(shape + (w,)) < (3.0 / w)
-    vals = rng.random(shape + (w,)) * centre[..., None] * 0.9
-    out[others & live[..., None]] = vals[others & live[..., None]]
-    out[..., wb] = centre
-    del max_act
-    return out.astype(np.float16)
+    out = np.zeros(centre.shape + (w,), dtype=np.float16)
+    for a in range(0, centre.shape[0], block):
+        c = centre[a:a + block]
+        win = np.zeros(c.shape + (w,), dtype=np.float32)
+        # about 3 other active positions per window, below the centre value
+        others = (rng.random(c.shape + (w,), dtype=np.float32) < (3.0 / w)) & (c > 0)[..., None]
+        vals = rng.random(c.shape + (w,), dtype=np.float32) * c[..., None] * 0.9
+        win[others] = vals[others]
+        win[..., wb] = c
+        out[a:a + block] = win
+    return out
 
 
 def make_synthetic_cache(
@@ -169,8 +173,12 @@ def make_synthetic_cache(
     top_seq = np.full((F, K), -1, np.int32)
     top_pos = np.full((F, K), -1, np.int32)
     top_act = np.zeros((F, K), np.float32)
+    # distinct sequences per feature: one from each of K equal strides of the corpus, rotated
+    kk = min(K, n_sequences)
+    stride = n_sequences // kk
     seq_choice = np.zeros((F, K), np.int32)
-    seq_choice[:, :min(K, n_sequences)] = np.argsort(rng.random((F, n_sequences)), axis=1)[:, :K]
+    seq_choice[:, :kk] = (rng.integers(0, n_sequences, (F, 1)) + np.arange(kk)[None, :] * stride
+                          + rng.integers(0, stride, (F, kk))) % n_sequences
     pos_choice = rng.integers(1, seq_len, (F, K)).astype(np.int32)
     decay = np.sort(rng.uniform(0.3, 1.0, (F, K)), axis=1)[:, ::-1]
     decay[:, 0] = 1.0
@@ -178,7 +186,7 @@ def make_synthetic_cache(
     top_seq[slot] = seq_choice[slot]
     top_pos[slot] = pos_choice[slot]
     top_act[slot] = (decay * max_act[:, None])[slot]
-    top_window = _sparse_windows(rng, top_act, max_act, wb, wa)
+    top_window = _sparse_windows(rng, top_act, wb, wa)
 
     # --- interval samples: 2 * n_intervals slots; width from a running max estimate
     iv_width = np.where(dead, 0.0, max_act / st.n_intervals * rng.uniform(0.55, 1.0, F)).astype(np.float32)
@@ -195,7 +203,7 @@ def make_synthetic_cache(
     hi = np.minimum(lo + iv_width[:, None], max_act[:, None])
     frac = rng.uniform(0.02, 1.0, (F, G, k))
     iv_act = np.where(iv_slot, lo[:, :, None] + frac * (hi - lo)[:, :, None], 0).astype(np.float32)
-    iv_window = _sparse_windows(rng, iv_act, max_act, wb, wa)
+    iv_window = _sparse_windows(rng, iv_act, wb, wa)
 
     if hostile_text and F > 0 and n_top[0] > 0:
         s, p = int(top_seq[0, 0]), int(top_pos[0, 0])

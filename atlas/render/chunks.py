@@ -24,6 +24,9 @@ import zlib
 import msgpack
 import numpy as np
 
+PAGE_LEVEL = 1  # feature pages: many small payloads, speed matters (level 6 is ~2.4% smaller, 1.8x slower)
+CHUNK_LEVEL = 6  # site-wide data scripts: few, downloaded often
+
 _LE = {"u1": "u1", "u2": "<u2", "u4": "<u4", "f2": "<f2", "f4": "<f4", "i4": "<i4"}
 
 
@@ -37,8 +40,8 @@ def to_msgpack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True, use_single_float=True)
 
 
-def deflate(data: bytes, level: int = 6) -> bytes:
-    c = zlib.compressobj(level, zlib.DEFLATED, -15, 9)
+def deflate(data: bytes, level: int = CHUNK_LEVEL) -> bytes:
+    c = zlib.compressobj(level, zlib.DEFLATED, -15, 8)
     return c.compress(data) + c.flush()
 
 
@@ -46,9 +49,9 @@ def inflate(data: bytes) -> bytes:
     return zlib.decompress(data, -15)
 
 
-def encode_payload(obj) -> str:
-    """The base64 text of ``obj`` (msgpack, raw deflate, base64)."""
-    return base64.b64encode(deflate(to_msgpack(obj))).decode("ascii")
+def encode_payload(obj, level: int = CHUNK_LEVEL) -> str:
+    """The base64 text of ``obj`` (msgpack, raw deflate at ``level``, base64)."""
+    return base64.b64encode(deflate(to_msgpack(obj), level)).decode("ascii")
 
 
 def decode_payload(text: str):

@@ -12,7 +12,6 @@ from typing import Iterator
 import numpy as np
 
 from ..cache import Cache
-from .chunks import pack
 from .vocab import SiteVocab
 
 N_TOP_TOKENS = 3
@@ -60,6 +59,8 @@ class FeaturePayload:
     - ``lg``: per source ``{ti, tv, bi, bv, h, lo, hi}``: top and bottom logit-effect tokens (site
       ids, as ``tt``) and values (bin float32), and the histogram of the effect over the vocabulary
       (counts between ``lo`` and ``hi`` in equal bins)
+    - ``nb``: bin uint32 LE ids of the nearest features by decoder cosine, most similar first;
+      ``nc``: bin float16 LE their cosines (a neighbour outside this site is shown without a link)
     - ``vs``: the vocab shards (``data/vocab/<k>.js``) holding every token above
     """
 
@@ -76,20 +77,30 @@ def quantise(window: np.ndarray, max_act: np.ndarray) -> np.ndarray:
 
 
 class WindowTokens:
-    """Gathers example windows' site token ids from the corpus."""
+    """Gathers example windows' site token ids from the corpus.
+
+    The corpus is converted to site ids once and padded with "no token" (0) on both sides, plus one
+    all-zero row that empty slots (sequence -1) point at, so a window is one fancy-indexing gather.
+    """
 
     def __init__(self, cache: Cache, vocab: SiteVocab):
         st = cache.manifest.settings
-        self.tokens = np.asarray(cache.tokens)
-        self.vocab = vocab
-        self.offsets = np.arange(-st.window_before, st.window_after + 1)
+        tokens = np.asarray(cache.tokens)
+        N, T = tokens.shape
+        dtype = np.uint16 if vocab.id_kind == "u2" else np.uint32
+        self.before = st.window_before
+        self.width = st.window
+        self.N, self.T = N, T
+        padded = np.zeros((N + 1, T + st.window_before + st.window_after), dtype=dtype)
+        padded[:N, st.window_before:st.window_before + T] = vocab.to_site(tokens)
+        self.padded = padded
+        self.offsets = np.arange(self.width)
 
     def __call__(self, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        N, T = self.tokens.shape
-        idx = pos[..., None] + self.offsets
-        ok = (idx >= 0) & (idx < T) & (seq[..., None] >= 0) & (seq[..., None] < N)
-        t = self.tokens[np.clip(seq, 0, max(N - 1, 0))[..., None], np.clip(idx, 0, max(T - 1, 0))]
-        return self.vocab.to_site(np.where(ok, t, -1))
+        ok = (seq >= 0) & (seq < self.N) & (pos >= 0) & (pos < self.T)
+        rows = np.where(ok, seq, -1)
+        start = np.where(ok, pos, 0)
+        return self.padded[rows[..., None], start[..., None] + self.offsets]
 
 
 def _histogram_obj(counts: np.ndarray) -> list:
@@ -97,11 +108,48 @@ def _histogram_obj(counts: np.ndarray) -> list:
     if not len(nz):
         return [0, []]
     lo, hi = int(nz[0]), int(nz[-1]) + 1
-    return [lo, [int(c) for c in counts[lo:hi]]]
+    return [lo, counts[lo:hi].tolist()]
 
 
 def _float_or_none(x: float):
     return None if not np.isfinite(x) else float(x)
+
+
+def _row_index(shape: tuple) -> np.ndarray:
+    return np.broadcast_to(np.arange(shape[0]).reshape((-1,) + (1,) * (len(shape) - 1)), shape)
+
+
+def top_tokens_of_block(centre: np.ndarray, weight: np.ndarray, valid: np.ndarray, k: int = N_TOP_TOKENS) -> list[list[int]]:
+    """Per row: the ``k`` site ids with the largest summed weight among its valid centre tokens
+    (ties: lower id first)."""
+    n = centre.shape[0]
+    sel = valid & (centre > 0)
+    rows, toks, w = _row_index(centre.shape)[sel], centre[sel].astype(np.int64), weight[sel]
+    out: list[list[int]] = [[] for _ in range(n)]
+    if not len(rows):
+        return out
+    base = int(toks.max()) + 1
+    uk, inv = np.unique(rows * base + toks, return_inverse=True)
+    score = np.bincount(inv.ravel(), weights=w)
+    ur, ut = uk // base, uk % base
+    order = np.lexsort((ut, -score, ur))
+    ur, ut = ur[order], ut[order]
+    idx = np.arange(len(ur))
+    first = np.maximum.accumulate(np.where(np.r_[True, ur[1:] != ur[:-1]], idx, 0))
+    keep = (idx - first) < k
+    for r, t in zip(ur[keep].tolist(), ut[keep].tolist()):
+        out[r].append(t)
+    return out
+
+
+def shards_of_block(n: int, n_shards: int, shift: int, arrays: list[tuple[np.ndarray, np.ndarray]]) -> list[list[int]]:
+    """Per row: the sorted vocab shards of the site ids in ``arrays`` (pairs of ids ``[n, ...]`` and a
+    validity mask broadcastable to them)."""
+    mask = np.zeros((n, max(n_shards, 1)), dtype=bool)
+    for ids, valid in arrays:
+        v = np.broadcast_to(valid, ids.shape) & (ids > 0)
+        mask[_row_index(ids.shape)[v], ids[v] >> shift] = True
+    return [np.flatnonzero(row).tolist() for row in mask]
 
 
 def iter_features(cache: Cache, vocab: SiteVocab, start: int = 0, stop: int | None = None,
@@ -117,97 +165,96 @@ def iter_features(cache: Cache, vocab: SiteVocab, start: int = 0, stop: int | No
     stop = F if stop is None else min(stop, F)
     fs, ex, lg = cache.features, cache.examples, cache.logits
     gather = WindowTokens(cache, vocab)
-    kind = vocab.id_kind
+    id_dtype = "<u2" if vocab.id_kind == "u2" else "<u4"
     wb = st.window_before
-    shift = vocab.shard_bits
     S = len(m.sources)
     two = S == 2
+    first_id = m.feature_offset
     for a in range(start, stop, block):
         b = min(stop, a + block)
+        n = b - a
         mx = np.asarray(fs.max_act[a:b], dtype=np.float32)
         # top examples
         t_seq, t_pos = np.asarray(ex.top_seq[a:b]), np.asarray(ex.top_pos[a:b])
         t_valid = t_seq >= 0
         t_tok = gather(t_seq, t_pos)
         t_q = quantise(ex.top_window[a:b], mx)
-        t_act = np.asarray(ex.top_act[a:b], dtype=np.float32)
+        t_act = np.asarray(ex.top_act[a:b], dtype="<f4")
         # interval samples
         i_seq, i_pos = np.asarray(ex.iv_seq[a:b]), np.asarray(ex.iv_pos[a:b])
         i_valid = i_seq >= 0
         i_tok = gather(i_seq, i_pos)
         i_q = quantise(ex.iv_window[a:b], mx)
-        i_act = np.asarray(ex.iv_act[a:b], dtype=np.float16)
+        i_act = np.asarray(ex.iv_act[a:b], dtype="<f2")
         i_count = i_valid.sum(axis=2).astype(np.uint8)
         i_width = np.asarray(ex.iv_width[a:b], dtype=np.float32)
         # logits
         l_top = vocab.to_site(np.asarray(lg.top_ids[a:b]))
         l_bot = vocab.to_site(np.asarray(lg.bot_ids[a:b]))
-        l_tv = np.asarray(lg.top_vals[a:b], dtype=np.float32)
-        l_bv = np.asarray(lg.bot_vals[a:b], dtype=np.float32)
-        l_h = np.asarray(lg.hist_counts[a:b])
-        l_lo = np.asarray(lg.hist_lo[a:b], dtype=np.float32)
-        l_hi = np.asarray(lg.hist_hi[a:b], dtype=np.float32)
-        # scalars
+        l_tv = np.asarray(lg.top_vals[a:b], dtype="<f4")
+        l_bv = np.asarray(lg.bot_vals[a:b], dtype="<f4")
+        l_h = np.asarray(lg.hist_counts[a:b]).tolist()
+        l_lo = np.asarray(lg.hist_lo[a:b], dtype=np.float32).tolist()
+        l_hi = np.asarray(lg.hist_hi[a:b], dtype=np.float32).tolist()
+        # scalars and neighbours
         hist = np.asarray(fs.hist_counts[a:b])
         dn = np.asarray(fs.dec_norm[a:b], dtype=np.float32)
-        rel = np.asarray(fs.rel_norm[a:b], dtype=np.float32)
-        cos = np.asarray(fs.dec_cos[a:b], dtype=np.float32)
-        dens = np.asarray(fs.density[a:b], dtype=np.float64)
-        nact = np.asarray(fs.n_active[a:b])
-        mean = np.asarray(fs.mean_act[a:b], dtype=np.float32)
+        dn_list = dn.tolist()
+        peak = np.argmax(dn, axis=1).tolist() if S else [0] * n
+        rel = np.asarray(fs.rel_norm[a:b], dtype=np.float32).tolist()
+        cos = np.asarray(fs.dec_cos[a:b], dtype=np.float32).tolist()
+        dens = np.asarray(fs.density[a:b], dtype=np.float64).tolist()
+        nact = np.asarray(fs.n_active[a:b]).tolist()
+        mean = np.asarray(fs.mean_act[a:b], dtype=np.float32).tolist()
+        nb_ids = np.asarray(fs.neighbours[a:b]).astype(np.int64)
+        nb_cos = np.asarray(fs.neighbour_cos[a:b], dtype=np.float32)
+        nb_ok = (nb_ids >= 0) & (nb_ids != (first_id + np.arange(a, b))[:, None]) & np.isfinite(nb_cos)
+        nb_ids_b = nb_ids.astype("<u4")
+        nb_cos_b = nb_cos.astype("<f2")
         centre = t_tok[:, :, wb]
         weight = np.where(mx[:, None] > 0, t_act / np.maximum(mx[:, None], 1e-30), 0.0)
+        tops = top_tokens_of_block(centre, weight, t_valid)
+        shards = shards_of_block(n, vocab.n_shards, vocab.shard_bits, [
+            (t_tok, t_valid[..., None]), (i_tok, i_valid[..., None]), (l_top, True), (l_bot, True)])
+        t_tok = t_tok.astype(id_dtype, copy=False)
+        i_tok = i_tok.astype(id_dtype, copy=False)
+        l_top = l_top.astype(id_dtype, copy=False)
+        l_bot = l_bot.astype(id_dtype, copy=False)
+        n_top = t_valid.sum(axis=1).tolist()
 
-        for j in range(b - a):
+        for j in range(n):
             i = a + j
             tv = t_valid[j]
             iv = i_valid[j]
-            tt, it = t_tok[j][tv], i_tok[j][iv]
-            ct, cw = centre[j][tv], weight[j][tv]
-            if len(ct):
-                u, inv = np.unique(ct, return_inverse=True)
-                score = np.bincount(inv, weights=cw)
-                order = np.lexsort((u, -score))[:N_TOP_TOKENS]
-                top_tokens = [int(x) for x in u[order] if x > 0]
-            else:
-                top_tokens = []
-            ids_used = np.concatenate([tt.ravel(), it.ravel(), l_top[j].ravel(), l_bot[j].ravel()])
-            shards = np.unique(ids_used[ids_used > 0] >> shift)
-            logit_objs = [
-                {
-                    "ti": pack(l_top[j, s], kind), "tv": pack(l_tv[j, s], "f4"),
-                    "bi": pack(l_bot[j, s], kind), "bv": pack(l_bv[j, s], "f4"),
-                    "h": [int(c) for c in l_h[j, s]], "lo": float(l_lo[j, s]), "hi": float(l_hi[j, s]),
-                }
-                for s in range(S)
-            ]
-            dnj = [float(x) for x in dn[j]]
-            relj = _float_or_none(rel[j]) if two else None
-            cosj = _float_or_none(cos[j]) if two else None
+            nv = nb_ok[j]
+            mxj = float(mx[j])
             obj = {
-                "id": m.feature_offset + i,
-                "max": float(mx[j]),
-                "dn": dnj,
-                "rel": relj,
-                "cos": cosj,
-                "tt": pack(tt, kind),
+                "id": first_id + i,
+                "max": mxj,
+                "dn": dn_list[j],
+                "rel": _float_or_none(rel[j]) if two else None,
+                "cos": _float_or_none(cos[j]) if two else None,
+                "tt": t_tok[j][tv].tobytes(),
                 "ta": t_q[j][tv].tobytes(),
-                "tv": pack(t_act[j][tv], "f4"),
+                "tv": t_act[j][tv].tobytes(),
                 "ig": i_count[j].tobytes(),
                 "iw": float(i_width[j]),
-                "it": pack(it, kind),
+                "it": i_tok[j][iv].tobytes(),
                 "ia": i_q[j][iv].tobytes(),
-                "iv": pack(i_act[j][iv], "f2"),
+                "iv": i_act[j][iv].tobytes(),
                 "h": _histogram_obj(hist[j]),
-                "lg": logit_objs,
-                "vs": [int(x) for x in shards],
+                "lg": [
+                    {"ti": l_top[j, s].tobytes(), "tv": l_tv[j, s].tobytes(), "bi": l_bot[j, s].tobytes(),
+                     "bv": l_bv[j, s].tobytes(), "h": l_h[j][s], "lo": l_lo[j][s], "hi": l_hi[j][s]}
+                    for s in range(S)
+                ],
+                "nb": nb_ids_b[j][nv].tobytes(),
+                "nc": nb_cos_b[j][nv].tobytes(),
+                "vs": shards[j],
             }
             facts = FeatureFacts(
-                id=m.feature_offset + i, index=i, density=float(dens[j]), n_active=int(nact[j]),
-                max_act=float(mx[j]), mean_act=float(mean[j]),
-                rel_norm=float(rel[j]) if two else float("nan"),
-                dec_cos=float(cos[j]) if two else float("nan"),
-                dec_norm=dnj, peak=int(np.argmax(dn[j])) if S else 0, n_top=int(tv.sum()),
-                top_tokens=top_tokens,
+                id=first_id + i, index=i, density=dens[j], n_active=int(nact[j]), max_act=mxj, mean_act=mean[j],
+                rel_norm=rel[j] if two else float("nan"), dec_cos=cos[j] if two else float("nan"),
+                dec_norm=dn_list[j], peak=int(peak[j]), n_top=int(n_top[j]), top_tokens=tops[j],
             )
-            yield facts, FeaturePayload(obj), ct, cw
+            yield facts, FeaturePayload(obj), centre[j][tv], weight[j][tv]

@@ -59,6 +59,13 @@ class StagedSite:
         if n > self.largest[1]:
             self.largest = (rel, n)
 
+    def count(self, n_files: int, total_bytes: int, largest: tuple[str, int]) -> None:
+        """Account for files written into :attr:`dir` by other processes."""
+        self.n_files += n_files
+        self.total_bytes += total_bytes
+        if largest[1] > self.largest[1]:
+            self.largest = largest
+
     def write_all(self, files: dict[str, bytes]) -> None:
         for rel in sorted(files):
             self.write(rel, files[rel])

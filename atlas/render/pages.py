@@ -10,10 +10,11 @@ explicitly so that they also work from ``file://``, where folders do not resolve
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.resources import files
 
 import jinja2
+from markupsafe import Markup, escape
 
 from .features import FeatureFacts
 from .labels import Label
@@ -76,66 +77,70 @@ class SiteInfo:
     n_tokens: int = 0
 
 
-@dataclass
-class Neighbour:
-    id: int
-    cos: float
-    href: str | None  # None when the feature has no page in this site
-    label: str = ""
+def feature_chrome(env: jinja2.Environment, site: SiteInfo) -> dict:
+    """The parts every feature page shares (head links, header, footer and scripts), rendered once per
+    site from ``_head.html``, ``_header.html`` and ``_footer.html`` (the same partials ``base.html``
+    includes)."""
+    ctx = {"root": FEATURE_ROOT, "site": site, "page_scripts": ["feature.js"]}
+    return {
+        "head": Markup(env.get_template("_head.html").render(ctx)),
+        "header": Markup(env.get_template("_header.html").render(ctx)),
+        "footer": Markup(env.get_template("_footer.html").render(ctx)),
+        "site_title": Markup(escape(site.title)),
+    }
 
 
 @dataclass
 class FeaturePage:
-    """Context of ``site_templates/feature.html`` (the page ``f/<id>/index.html``)."""
+    """Context of ``site_templates/feature.html`` (the page ``f/<id>/index.html``): plain strings and
+    numbers only, all escaped by the template."""
 
     site: SiteInfo
-    f: FeatureFacts
-    label: Label | None
+    id: int
+    alive: bool
+    page_title: str
+    og_title: str
+    description: str
+    label: str
+    explanation: str
+    facts: list[tuple[str, str]]  # (name, formatted value)
     top_tokens: list[str]  # chip strings
-    neighbours: list[Neighbour]
     prev_id: int | None
     next_id: int | None
-    payload: str  # base64 (see FeaturePayload)
+    payload: str  # base64 (see features.FeaturePayload)
+    chrome: dict  # feature_chrome(...)
     root: str = FEATURE_ROOT
-    source_names: list[str] = field(default_factory=list)
 
-    @property
-    def heading(self) -> str:
-        return f"Feature {self.f.id}"
-
-    @property
-    def page_title(self) -> str:
-        lab = f" · {self.label.label}" if self.label and self.label.label else ""
-        return f"Feature {self.f.id}{lab} — {self.site.title}"
-
-    @property
-    def description(self) -> str:
-        f = self.f
-        if not f.alive:
-            text = f"Feature {f.id} of {self.site.title}: never active on the analysed tokens."
-        else:
-            text = (f"Feature {f.id} of {self.site.title}: active on {fmt_pct(f.density)} of tokens, "
-                    f"max activation {fmt_num(f.max_act)}.")
-            if self.top_tokens:
-                text += " Top tokens: " + ", ".join(self.top_tokens) + "."
-        if self.label and self.label.label:
-            text = f"{self.label.label}. " + text
-        return text[:300]
+    def variables(self) -> dict:
+        return self.__dict__
 
 
-def feature_page_context(site: SiteInfo, facts: FeatureFacts, strings: list[str], labels: dict[int, Label],
-                         neighbours: list[tuple[int, float]], payload: str, page_ids: range) -> FeaturePage:
-    nbs = [Neighbour(i, c, f"../{i}/index.html" if i in page_ids else None,
-                     labels[i].label if i in labels else "") for i, c in neighbours]
-    fid = facts.id
+def feature_page(site: SiteInfo, f: FeatureFacts, strings: list[str], label: Label | None, payload: str,
+                 page_ids: range, chrome: dict) -> FeaturePage:
+    """The context of one feature page."""
+    lab = label.label if label else ""
+    tokens = [chip(strings[t]) for t in f.top_tokens]
+    if f.alive:
+        desc = (f"Feature {f.id} of {site.title}: active on {fmt_pct(f.density)} of tokens, "
+                f"max activation {fmt_num(f.max_act)}.")
+        if tokens:
+            desc += " Top tokens: " + ", ".join(tokens) + "."
+    else:
+        desc = f"Feature {f.id} of {site.title}: never active on the analysed tokens."
+    if lab:
+        desc = f"{lab}. {desc}"
+    facts = [("Density", fmt_pct(f.density)), ("Active tokens", f"{f.n_active:,}"), ("Max activation", fmt_num(f.max_act)),
+             ("Mean when active", fmt_num(f.mean_act))]
+    if len(site.sources) == 2:
+        facts += [("Relative norm", fmt_num(f.rel_norm)), ("Decoder cosine", fmt_num(f.dec_cos))]
     return FeaturePage(
-        site=site,
-        f=facts,
-        label=labels.get(fid),
-        top_tokens=[chip(strings[t]) for t in facts.top_tokens],
-        neighbours=nbs,
-        prev_id=fid - 1 if fid - 1 in page_ids else None,
-        next_id=fid + 1 if fid + 1 in page_ids else None,
-        payload=payload,
-        source_names=site.sources,
+        site=site, id=f.id, alive=f.alive,
+        page_title=f"Feature {f.id}{' · ' + lab if lab else ''} — {site.title}",
+        og_title=f"Feature {f.id}{': ' + lab if lab else ''}",
+        description=desc[:300], label=lab, explanation=label.explanation if label else "",
+        facts=facts, top_tokens=tokens,
+        prev_id=f.id - 1 if f.id - 1 in page_ids else None,
+        next_id=f.id + 1 if f.id + 1 in page_ids else None,
+        payload=Markup(payload),  # base64: nothing to escape
+        chrome=chrome,
     )

@@ -101,9 +101,9 @@ class TokenIndexBuilder:
         self._tok: list[np.ndarray] = []
         self._w: list[np.ndarray] = []
 
-    def add(self, feature_id: int, site_ids: np.ndarray, weights: np.ndarray) -> None:
+    def add_many(self, feature_ids: np.ndarray, site_ids: np.ndarray, weights: np.ndarray) -> None:
         if len(site_ids):
-            self._feat.append(np.full(len(site_ids), feature_id, dtype=np.int64))
+            self._feat.append(np.asarray(feature_ids, dtype=np.int64))
             self._tok.append(np.asarray(site_ids, dtype=np.int64))
             self._w.append(np.asarray(weights, dtype=np.float64))
 
@@ -122,16 +122,19 @@ class TokenIndexBuilder:
         entries = []
         if len(key):
             # one row per (key, feature): summed weight and count; per (key, token): count for strings
-            pair = np.stack([key, feat], axis=1)
-            uniq, inv = np.unique(pair, axis=0, return_inverse=True)
+            fbase = int(feat.max()) + 1
+            uniq, inv = np.unique(key * fbase + feat, return_inverse=True)
             inv = inv.ravel()
+            uniq = np.stack([uniq // fbase, uniq % fbase], axis=1)
             score = np.bincount(inv, weights=w)
             count = np.bincount(inv)
             order = np.lexsort((uniq[:, 1], -score, uniq[:, 0]))
             uk, uf, us, uc = uniq[order, 0], uniq[order, 1], score[order], count[order]
             starts = np.flatnonzero(np.r_[True, uk[1:] != uk[:-1]])
             ends = np.r_[starts[1:], len(uk)]
-            tpair, tcount = np.unique(np.stack([key, tok], axis=1), axis=0, return_counts=True)
+            tbase = int(tok.max()) + 1
+            tkeys, tcount = np.unique(key * tbase + tok, return_counts=True)
+            tpair = np.stack([tkeys // tbase, tkeys % tbase], axis=1)
             tstarts = np.flatnonzero(np.r_[True, tpair[1:, 0] != tpair[:-1, 0]])
             tends = np.r_[tstarts[1:], len(tpair)]
             tok_strings = {}

@@ -11,9 +11,59 @@
   var A = window.Atlas, M = A.site, doc = document;
   var NS = "http://www.w3.org/2000/svg";
   var main = doc.querySelector("main.feature");
-  var tip = doc.getElementById("tip");
+  var tip = A.el("div", "tip");
+  tip.id = "tip";
+  tip.setAttribute("role", "tooltip");
+  tip.hidden = true;
+  doc.body.appendChild(tip);
 
   function panel(name) { return doc.querySelector('[data-panel="' + name + '"]'); }
+
+  // ---------------------------------------------------------------- page structure
+  function section(name, title) {
+    var s = A.el("section", "panel");
+    s.id = name;
+    s.appendChild(A.el("h2", null, title));
+    var body = A.el("div", "body");
+    body.setAttribute("data-panel", name);
+    s.appendChild(body);
+    return s;
+  }
+  function buildPanels(p) {
+    var box = doc.getElementById("panels"), dead = box.className === "dead";
+    box.textContent = "";
+    if (!dead) {
+      box.appendChild(section("top", "Top activations"));
+      box.appendChild(section("intervals", "Activation intervals"));
+    }
+    var grid = A.el("div", "grid");
+    if (!dead) grid.appendChild(section("histogram", "Activation histogram"));
+    grid.appendChild(section("decoder", "Decoder norm per source"));
+    box.appendChild(grid);
+    box.appendChild(section("logits", "Logit effects"));
+    if (p.nb && p.nb.byteLength) box.appendChild(section("neighbours", "Nearest features by decoder cosine"));
+  }
+
+  function drawNeighbours(p) {
+    var body = panel("neighbours");
+    if (!body) return;
+    var ids = A.u32(p.nb), cos = A.f16(p.nc), labels = p.nl || [];
+    var list = A.el("ol", "neighbours");
+    for (var i = 0; i < ids.length; i++) {
+      var li = A.el("li"), id = ids[i];
+      if (id >= M.first_id && id < M.first_id + M.n_features) {
+        var a = A.el("a", null, id);
+        a.href = A.featureHref(id);
+        li.appendChild(a);
+      } else {
+        li.appendChild(A.el("span", null, id));
+      }
+      li.appendChild(A.el("span", "num", A.fmt(cos[i])));
+      if (labels[i]) li.appendChild(A.el("span", "nlabel", labels[i]));
+      list.appendChild(li);
+    }
+    body.appendChild(list);
+  }
   function svg(tag, attrs) {
     var e = doc.createElementNS(NS, tag);
     for (var k in attrs) e.setAttribute(k, attrs[k]);
@@ -232,9 +282,26 @@
     if (/^https?:/.test(location.protocol)) u = u.replace(/index\.html$/, "");
     return u;
   }
+  function shareBox() {
+    var box = doc.getElementById("share");
+    if (box) return box;
+    box = A.el("div", "share");
+    box.id = "share";
+    var input = A.el("input");
+    input.id = "share-text";
+    input.readOnly = true;
+    input.setAttribute("aria-label", "Link or embed code");
+    var status = A.el("span");
+    status.id = "share-status";
+    status.setAttribute("role", "status");
+    box.appendChild(input);
+    box.appendChild(status);
+    main.insertBefore(box, main.querySelector("h1"));
+    return box;
+  }
   function share(text, what) {
-    var box = doc.getElementById("share"), input = doc.getElementById("share-text"), status = doc.getElementById("share-status");
-    box.hidden = false;
+    shareBox();
+    var input = doc.getElementById("share-text"), status = doc.getElementById("share-status");
     input.value = text;
     input.select();
     function done(ok) { status.textContent = ok ? what + " copied" : "Press Ctrl+C to copy the " + what.toLowerCase(); }
@@ -270,10 +337,9 @@
   }
 
   function fail(err) {
-    doc.querySelectorAll("[data-panel] .loading").forEach(function (e) {
-      e.textContent = "Could not load this feature's data: " + (err && err.message ? err.message : err);
-      e.className = "error";
-    });
+    var box = doc.getElementById("panels");
+    box.textContent = "";
+    box.appendChild(A.el("p", "error", "Could not load this feature's data: " + (err && err.message ? err.message : err)));
     if (window.console) console.error(err);
   }
 
@@ -282,11 +348,14 @@
   A.decodeBlock("atlas-feature").then(function (p) {
     return A.vocab.ensure(p.vs).then(function () { return p; });
   }).then(function (p) {
+    buildPanels(p);
     drawTop(p);
     drawIntervals(p);
     drawHistogram(p);
     drawLogits(p);
     drawDecoder(p);
+    drawNeighbours(p);
+    A.readyAt = performance.now();
     doc.documentElement.setAttribute("data-ready", "1");
   }).catch(fail);
 })();

@@ -285,6 +285,7 @@
     col = c;
     if (state.q) startSearch();
     update(true);
+    A.readyAt = performance.now();
     doc.documentElement.setAttribute("data-ready", "1");
   }, function (err) {
     countEl.textContent = "Could not load the feature table: " + (err && err.message ? err.message : err);
