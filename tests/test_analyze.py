@@ -385,3 +385,23 @@ def test_optional_statistics_can_be_switched_off(diff_setup, tmp_path):
     assert fs.ncorr_val is None and fs.fcorr_ids is None and fs.align_val is None
     assert fs.diff_class is not None and ex.top_next_logit is not None
     assert ex.iv_next_logit.shape == ex.iv_window.shape + (2,)
+
+
+def test_feature_slice_correlates_within_the_slice(diff_setup, diff_cache, brute, tmp_path):
+    cc, models, tokens = diff_setup
+    _, full, _ = diff_cache
+    acts, _, _ = brute
+    options = dataclasses.replace(OPTIONS, features=(8, 24))
+    run_analysis(cc, models, tokens, options, tmp_path, CPU, torch.float32)
+    fs = read_cache(tmp_path).features
+    ids = fs.fcorr_ids[fs.fcorr_ids >= 0]
+    assert ids.size and ((ids >= 8) & (ids < 24)).all()  # global ids, candidates among the slice
+    a = acts.reshape(-1, acts.shape[-1]).astype(np.float64)[np.arange(acts.size // acts.shape[-1]) % acts.shape[1] > 0]
+    corr = _pearson(a, a)
+    for row in range(16):
+        n = int((fs.fcorr_ids[row] >= 0).sum())
+        np.testing.assert_allclose(fs.fcorr_val[row, :n], corr[8 + row, fs.fcorr_ids[row, :n]], atol=1e-5)
+    # statistics that do not depend on the slice equal the whole run's
+    np.testing.assert_array_equal(fs.ncorr_source, full.features.ncorr_source[8:24])
+    np.testing.assert_allclose(fs.ncorr_val, full.features.ncorr_val[8:24], atol=1e-6)
+    np.testing.assert_array_equal(fs.align_dim, full.features.align_dim[8:24])
