@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -14,7 +15,6 @@ from .errors import AtlasError, os_error
 
 # what a folder that already holds an analysis cache (complete or interrupted) contains
 _CACHE_ENTRIES = ("manifest.json", "state", "vocab.json", "tokens.npy", "features.npz", "examples.npz", "logits.npz")
-
 
 
 def _cache_dir_for(args) -> Path:
@@ -73,21 +73,41 @@ def check_features_alive(cache_dir: Path, manifest) -> None:
 
 def analyze_command(args, cache_dir: Path | None = None):
     """Load the checkpoint, the models and the corpus; analyse; write the cache. Returns its Manifest."""
+    from . import distributed
+    from .analyze import parse_feature_range, parse_shard
+
+    cache_dir = Path(cache_dir or args.output)
+    features = parse_feature_range(args.features) if args.features is not None else None
+    shard = parse_shard(args.shard) if getattr(args, "shard", None) is not None else None
+    if shard is not None:
+        from .merge import check_shard_folder
+
+        check_shard_folder(cache_dir)
+    # under torchrun: join the process group; this rank runs on cuda:LOCAL_RANK (or the cpu)
+    comm, device_arg = distributed.from_environment(args.device)
+    try:
+        manifest = _analyze(args, cache_dir, comm, device_arg, features, shard)
+    finally:
+        distributed.shutdown(comm)
+    return manifest
+
+
+def _analyze(args, cache_dir: Path, comm, device_arg, features, shard):
     from .analyze import AnalysisOptions, run_analysis
     from .checkpoints import load_checkpoint
     from .corpus import load_corpus
     from .models import load_models, pick_device
 
-    cache_dir = Path(cache_dir or args.output)
-    check_cache_folder(cache_dir)
+    if shard is None:
+        check_cache_folder(cache_dir)
     if args.save_every < 1:
         raise AtlasError(f"--save-every must be at least 1 (got {args.save_every})")
-    device, dtype = pick_device(args.device, args.dtype)
+    device, dtype = pick_device(device_arg, args.dtype)
 
     # load
     crosscoder = load_checkpoint(args.checkpoint, models=args.model, hook_point=args.hook_point,
                                  scale=args.scale)
-    models = load_models(crosscoder.sources, device=device, dtype=dtype)
+    models = load_models(crosscoder.sources, device=device, dtype=dtype, remote=args.remote)
     tokens = load_corpus(args.dataset, models.tokenizer, n_sequences=args.n_samples,
                          seq_len=args.seq_len, text_column=args.text_column, seed=args.seed)
 
@@ -103,10 +123,20 @@ def analyze_command(args, cache_dir: Path | None = None):
         seed=args.seed,
         dataset=args.dataset or "demo corpus",
         save_every=args.save_every,
+        features=features,
     )
-    manifest = run_analysis(crosscoder, models, tokens, options, cache_dir, device=device, dtype=dtype)
-    check_features_alive(cache_dir, manifest)
+    manifest = run_analysis(crosscoder, models, tokens, options, cache_dir, device=device, dtype=dtype,
+                            comm=comm, shard=shard)
+    if shard is None and (comm is None or comm.rank == 0):  # a shard has no features.npz; rank 0 wrote the cache
+        check_features_alive(cache_dir, manifest)
     return manifest
+
+
+def merge_command(args):
+    """``atlas merge``: shards and feature slices → one complete cache. Returns its Manifest."""
+    from .merge import merge_folders
+
+    return merge_folders([Path(p) for p in args.inputs], Path(args.output), device=args.device)
 
 
 def render_command(args, cache_dir: Path | None = None):
@@ -127,6 +157,12 @@ def inspect_command(args) -> None:
                               scale=args.scale))
 
 
+def _torchrun_rank() -> int:
+    from .distributed import launched
+
+    return int(os.environ["RANK"]) if launched() else 0
+
+
 def build(args) -> None:
     """``atlas build``: analyse, render, verify, and print where the site is."""
     from .render.output import check_output
@@ -137,6 +173,8 @@ def build(args) -> None:
     check_output(Path(args.output))  # before the analysis: a refused output folder must not cost a run
     check_writable(Path(args.output).absolute().parent)
     manifest = analyze_command(args, cache_dir)
+    if _torchrun_rank() > 0:  # under torchrun rank 0 renders; the other ranks are done
+        return
     summary = render_command(args, cache_dir)
     problems = verify_site(Path(args.output))
     if problems:

@@ -71,6 +71,13 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include-bos", action="store_true",
                    help="count beginning-of-sequence tokens in the statistics (excluded by default)")
     p.add_argument("--seed", type=int, default=0, help="seed for corpus sampling and interval sampling (default: 0)")
+    p.add_argument("--features", default=None, metavar="A:B",
+                   help="analyse features A..B-1 only, a slice of the dictionary for one device or job (wins "
+                   "over --n-features; nearest neighbours are searched among all features); combine slices "
+                   "with atlas merge")
+    p.add_argument("--remote", action="store_true",
+                   help="run the models on NDIF through NNsight's remote execution (needs an NDIF API key in "
+                   "NDIF_API_KEY, network access, and Hugging Face model ids)")
     p.add_argument("--save-every", type=int, default=50, metavar="N",
                    help="save the resumable analysis state every N batches, so that a crashed or killed run "
                    "loses at most N batches (default: 50; Ctrl-C and SIGTERM always save)")
@@ -107,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=DEFAULT_CACHE, metavar="DIR",
                    help=f"cache folder (default: {DEFAULT_CACHE}/)")
     _add_analysis_options(p)
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="analyse only the K-th (from 0) of N equal parts of the corpus and write a shard into "
+                   "the output folder, e.g. --shard $SLURM_ARRAY_TASK_ID/8 in a scheduler array; combine the "
+                   "N shards with atlas merge")
+
+    p = sub.add_parser("merge", help="combine shards (--shard) and feature slices (--features) into one cache",
+                       description="Combine the folders written by atlas analyze --shard K/N (all N of them) "
+                       "and/or feature-slice caches of atlas analyze --features A:B into one complete analysis "
+                       "cache, exactly as one process would have written it.")
+    p.add_argument("inputs", nargs="+", metavar="DIR",
+                   help="shard folders and/or cache folders of one analysis, in any order")
+    p.add_argument("-o", "--output", default=DEFAULT_CACHE, metavar="DIR",
+                   help=f"cache folder to write (default: {DEFAULT_CACHE}/)")
+    p.add_argument("--device", default=None,
+                   help="torch device for merging and the logit effects, e.g. cpu, cuda (default: cuda when "
+                   "available, else cpu)")
 
     p = sub.add_parser("render", help="write the site from an analysis cache (no models needed)",
                        description="Write the static site from an analysis cache.")
@@ -149,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             from .build import analyze_command
 
             analyze_command(args)
+        elif args.command == "merge":
+            from .build import merge_command
+
+            merge_command(args)
         elif args.command == "render":
             from .build import render_command
 

@@ -267,6 +267,7 @@ class ModelSet:
     dtype: torch.dtype
     _order: list[int] = field(default_factory=list)  # execution order of each source's site in its model
     _unembed_cache: dict = field(default_factory=dict, repr=False)
+    remote: bool | str = False  # NNsight remote execution (see load_models): traces run on NDIF
 
     @property
     def bos_token_id(self) -> int | None:
@@ -313,19 +314,21 @@ class ModelSet:
         ``input_ids`` must be unpadded, equal-length rows; each model's forward stops after the last
         site it needs.
         """
-        input_ids = input_ids.to(self.device)
+        where = "cpu" if self.remote else self.device  # a remote trace ships its inputs from here
+        input_ids = input_ids.to(where)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(self.device)
+        attention_mask = attention_mask.to(where)
         out: list[torch.Tensor | None] = [None] * len(self.sources)
         for model_id, nn_model in self.models.items():
             idx = [i for i, s in enumerate(self.sources) if s.model == model_id]
             reads = sorted({(self._order[i], self.sites[i].module_path, self.sites[i].port) for i in idx})
-            values = _trace_sites(nn_model, input_ids, attention_mask, [(p, port) for _, p, port in reads])
+            values = _trace_sites(nn_model, input_ids, attention_mask, [(p, port) for _, p, port in reads],
+                                  remote=self.remote)
             by_site = {(p, port): v for (_, p, port), v in zip(reads, values)}
             for i in idx:
                 out[i] = by_site[(self.sites[i].module_path, self.sites[i].port)]
-        return torch.stack(out, dim=2)
+        return torch.stack(out, dim=2).to(self.device)
 
     def unembeddings(self) -> list[torch.Tensor]:
         """Per source, ``[d, V]`` float32: the final norm's weight γ folded into ``lm_head``: γ[:, None] * W_U^T.
@@ -337,7 +340,11 @@ class ModelSet:
         result = []
         for src in self.sources:
             if src.model not in self._unembed_cache:
-                self._unembed_cache[src.model] = _unembedding(self.hf_models[src.model], self.vocab_size)
+                if self.remote:
+                    self._unembed_cache[src.model] = _remote_unembedding(
+                        self.models[src.model], self.hf_models[src.model], self.vocab_size, self.remote)
+                else:
+                    self._unembed_cache[src.model] = _unembedding(self.hf_models[src.model], self.vocab_size)
             result.append(self._unembed_cache[src.model])
         return result
 
@@ -409,13 +416,18 @@ def _unembedding(model: torch.nn.Module, vocab_size: int) -> torch.Tensor:
     return (gamma[:, None] * W_U.T).contiguous()
 
 
-def _trace_sites(nn_model, input_ids, attention_mask, reads: list[tuple[str, str]]) -> list[torch.Tensor]:
-    """One NNsight trace reading ``(module_path, port)`` pairs in execution order, stopping after the last."""
+def _trace_sites(nn_model, input_ids, attention_mask, reads: list[tuple[str, str]],
+                 remote: bool | str = False) -> list[torch.Tensor]:
+    """One NNsight trace reading ``(module_path, port)`` pairs in execution order, stopping after the last.
+
+    ``remote``: NNsight's ``remote=`` (True: run on NDIF; ``"local"``: NNsight's local simulation of it).
+    """
     import nnsight
 
     saved: list = []  # filled inside the trace (a list made outside survives the trace's scope)
-    with torch.inference_mode():
-        with nn_model.trace(input_ids=input_ids, attention_mask=attention_mask) as tracer:
+    how = {"remote": remote} if remote else {}
+    with torch.inference_mode(), _remote_errors(remote):
+        with nn_model.trace(input_ids=input_ids, attention_mask=attention_mask, **how) as tracer:
             for path, port in reads:
                 envoy = _envoy(nn_model, path)
                 value = envoy.input if port == "input" else envoy.output
@@ -435,10 +447,15 @@ def _envoy(nn_model, path: str):
     return env
 
 
-def load_models(sources: list, device: torch.device, dtype: torch.dtype) -> ModelSet:
-    """Load one NNsight model per distinct model id of ``sources``; resolve and probe every source's site."""
+def load_models(sources: list, device: torch.device, dtype: torch.dtype, remote: bool | str = False) -> ModelSet:
+    """Load one NNsight model per distinct model id of ``sources``; resolve and probe every source's site.
+
+    ``remote`` (``--remote``): the models run on NDIF (NNsight's remote execution); see :func:`load_remote_models`.
+    """
     from nnsight.modeling.transformers import TransformersModel
 
+    if remote:
+        return load_remote_models(sources, device, dtype, remote)
     hf_models, tokenizers = {}, {}
     for src in sources:
         if src.model not in hf_models:
@@ -456,3 +473,168 @@ def load_models(sources: list, device: torch.device, dtype: torch.dtype) -> Mode
             order[i], widths[i] = o, w
     return ModelSet(sources=list(sources), models=models, hf_models=hf_models, tokenizer=tokenizer,
                     sites=sites, widths=widths, device=device, dtype=dtype, _order=order)
+
+
+# --------------------------------------------------------------------------- remote execution (NDIF)
+#
+# ``--remote`` runs every trace with NNsight's ``remote=True``: NDIF (https://ndif.us) holds the weights and
+# runs the forward passes; this machine holds only each model's structure (weights on the meta device),
+# its tokenizer and config from the Hugging Face hub, and the crosscoder. The few weights the analysis
+# needs (lm_head and the final norm, for logit effects) are fetched by a trace that saves them. Sites
+# are probed by a remote trace too (a forward on meta weights cannot run): their order is the order
+# modules are entered and left in a depth-first walk of the model (``_site_order``), their width the
+# saved value's. The API key is NNsight's: ``NDIF_API_KEY`` or NNsight's config file.
+# ``remote="local"`` is NNsight's local simulation of the same path (used by the tests).
+
+NDIF_KEY_HELP = ("set NDIF_API_KEY to your NDIF API key (create one at https://login.ndif.us), or save it once "
+                 "with python -c \"from nnsight import CONFIG; CONFIG.set_default_api_key('KEY')\"")
+
+
+class _remote_errors:
+    """Turns NNsight's remote-execution failures into AtlasError (a context manager)."""
+
+    def __init__(self, remote):
+        self.remote = remote
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if not self.remote or exc is None or isinstance(exc, (AtlasError, KeyboardInterrupt)):
+            return False
+        from nnsight.intervention.backends.remote import RemoteError
+
+        if isinstance(exc, RemoteError):
+            text = " ".join(str(exc).split())[:300]
+            if "401" in text or "403" in text or "key" in text.lower():
+                raise AtlasError(f"NDIF refused the request ({text}): {NDIF_KEY_HELP}") from exc
+            raise AtlasError(f"the remote job failed on NDIF ({text}): check https://ndif.us for the service "
+                             "status and the models it hosts, or run without --remote") from exc
+        if type(exc).__module__.split(".")[0] in ("httpx", "httpcore", "websocket"):
+            raise AtlasError(f"cannot reach NDIF ({type(exc).__name__}: {exc}): check the network connection "
+                             "(and NDIF_HOST), or run without --remote") from exc
+        return False
+
+
+def check_remote(sources: list) -> None:
+    """Raise AtlasError unless remote execution can work: an API key, hub model ids, NDIF reachable."""
+    from nnsight import CONFIG
+
+    if not CONFIG.API.APIKEY:
+        raise AtlasError(f"--remote needs an NDIF API key and none is configured: {NDIF_KEY_HELP}")
+    for spec in dict.fromkeys(s.model for s in sources):
+        if spec.startswith("demo:") or os.path.exists(os.path.expanduser(spec)):
+            raise AtlasError(f"--remote runs models that NDIF hosts, named by Hugging Face id, but {spec!r} is a "
+                             "local model: pass --model with a hub id (e.g. meta-llama/Llama-3.1-8B), or run "
+                             "without --remote")
+    if _offline():
+        raise AtlasError("--remote needs the network, but HF_HUB_OFFLINE is set: unset HF_HUB_OFFLINE (each "
+                         "model's config and tokenizer come from the Hugging Face hub), or run without --remote")
+    import httpx
+
+    try:
+        httpx.get(f"{CONFIG.API.HOST}/status", timeout=httpx.Timeout(10.0, read=30.0)).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise AtlasError(f"cannot reach NDIF at {CONFIG.API.HOST} ({type(exc).__name__}: {exc}): check the "
+                         "network connection (and NDIF_HOST), or run without --remote") from exc
+
+
+def _site_order(model: torch.nn.Module, sites: list[ResolvedSite]) -> list[int]:
+    """Execution rank of each site: a module's input when it is entered, its output when it is left
+    (after all its submodules), in the order modules are registered (a depth-first walk)."""
+    enter, leave, clock = {}, {}, [0]
+
+    def walk(name: str, module: torch.nn.Module) -> None:
+        enter[name] = clock[0]
+        clock[0] += 1
+        for child, sub in module.named_children():
+            walk(f"{name}.{child}" if name else child, sub)
+        leave[name] = clock[0]
+        clock[0] += 1
+
+    walk("", model)
+    keys = sorted({(enter[s.module_path] if s.port == "input" else leave[s.module_path], s.module_path, s.port)
+                   for s in sites})
+    rank = {(p, port): i for i, (_, p, port) in enumerate(keys)}
+    return [rank[(s.module_path, s.port)] for s in sites]
+
+
+def load_remote_models(sources: list, device: torch.device, dtype: torch.dtype, remote: bool | str = True) -> ModelSet:
+    """The models of ``sources`` for remote execution: structure and tokenizer here, weights on NDIF."""
+    from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoTokenizer
+
+    if remote is True:
+        check_remote(sources)
+    models, hf_models, tokenizers = {}, {}, {}
+    for src in sources:
+        if src.model in models:
+            continue
+        try:
+            tok = AutoTokenizer.from_pretrained(src.model, local_files_only=_offline())
+            nn_model = TransformersModel(src.model, task="text-generation", tokenizer=tok)
+        except (OSError, ValueError) as exc:
+            raise AtlasError(f"cannot load the config and tokenizer of {src.model!r} for --remote "
+                             f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): pass "
+                             "--model with a Hugging Face model id that NDIF hosts") from exc
+        models[src.model], hf_models[src.model], tokenizers[src.model] = nn_model, nn_model._module, tok
+    tokenizer = _check_same_vocab(tokenizers)
+    sites = [resolve_hook(hf_models[s.model], s.site) for s in sources]
+    order, widths = [0] * len(sources), [0] * len(sources)
+    probe_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+    probe = torch.full((1, 2), probe_id, dtype=torch.long)
+    for spec, nn_model in models.items():
+        idx = [i for i, s in enumerate(sources) if s.model == spec]
+        ranks = _site_order(hf_models[spec], [sites[i] for i in idx])
+        reads = sorted({(r, sites[i].module_path, sites[i].port) for r, i in zip(ranks, idx)})
+        values = _trace_sites(nn_model, probe, torch.ones_like(probe), [(p, port) for _, p, port in reads],
+                              remote=remote)
+        width = {(p, port): v.shape[-1] for (_, p, port), v in zip(reads, values)}
+        for r, i in zip(ranks, idx):
+            order[i], widths[i] = r, width[(sites[i].module_path, sites[i].port)]
+    return ModelSet(sources=list(sources), models=models, hf_models=hf_models, tokenizer=tokenizer,
+                    sites=sites, widths=widths, device=device, dtype=dtype, _order=order, remote=remote)
+
+
+def _remote_unembedding(nn_model, meta_model: torch.nn.Module, vocab_size: int, remote) -> torch.Tensor:
+    """:func:`_unembedding` with ``lm_head`` and the final norm's weights fetched by a remote trace."""
+    import copy
+
+    import nnsight
+
+    head = meta_model.get_output_embeddings()
+    head_path = next(name for name, m in meta_model.named_modules() if m is head)
+    norm_path = next((p for p in _FINAL_NORMS if _has_module(meta_model, p)), None)
+    names = [f"{head_path}.weight"]
+    if norm_path is not None:
+        names += [f"{norm_path}.{n}" for n, _ in meta_model.get_submodule(norm_path).named_parameters()]
+    probe = torch.zeros((1, 1), dtype=torch.long)
+    saved: list = []
+    with torch.inference_mode(), _remote_errors(remote):
+        with nn_model.trace(input_ids=probe, attention_mask=torch.ones_like(probe), remote=remote) as tracer:
+            for name in names:
+                path, attr = name.rsplit(".", 1)
+                saved.append(nnsight.save(getattr(_envoy(nn_model, path), attr)))
+            tracer.stop()
+    values = {n: torch.as_tensor(v).detach().cpu() for n, v in zip(names, saved)}
+    # a CPU copy of the output layer and the final norm, holding the fetched weights, for _unembedding
+    local = torch.nn.Module()
+    local.get_output_embeddings = lambda: _Head(values[f"{head_path}.weight"])
+    if norm_path is not None:
+        norm = copy.deepcopy(meta_model.get_submodule(norm_path)).to_empty(device="cpu")
+        with torch.no_grad():
+            for n, p in norm.named_parameters():
+                p.copy_(values[f"{norm_path}.{n}"].to(p.dtype))
+        parent, _, leaf = norm_path.rpartition(".")
+        holder = local
+        for part in parent.split(".") if parent else []:
+            if not hasattr(holder, part):
+                holder.add_module(part, torch.nn.Module())
+            holder = getattr(holder, part)
+        holder.add_module(leaf, norm)
+    return _unembedding(local, vocab_size)
+
+
+class _Head:
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
