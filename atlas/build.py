@@ -136,6 +136,7 @@ def merge_command(args):
     """``atlas merge``: shards and feature slices → one complete cache. Returns its Manifest."""
     from .merge import merge_folders
 
+    check_cache_folder(Path(args.output))
     return merge_folders([Path(p) for p in args.inputs], Path(args.output), device=args.device)
 
 

@@ -226,3 +226,12 @@ def test_feature_slices_merged_equal_the_whole(setup, whole, tmp_path):
 def test_feature_range_is_checked_against_the_dictionary(setup, tmp_path):
     with pytest.raises(AtlasError, match="past the dictionary's 64 features"):
         analyse(setup, tmp_path, dataclasses.replace(OPTIONS, features=(10, 65)))
+
+
+def test_merge_command_refuses_a_foreign_output_folder(tmp_path, capsys):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    (tmp_path / "shard").mkdir()
+    assert main(["merge", str(tmp_path / "shard"), "-o", str(tmp_path / "notes")]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty and holds no analysis cache" in err and (tmp_path / "notes" / "todo.txt").exists()
