@@ -85,7 +85,11 @@ def _load_npz(cls, path: Path):
         missing = {f.name for f in fields if not _optional(f)} - set(z.files)
         if missing:
             raise ValueError(f"{path} lacks {sorted(missing)}")
-        return cls(**{f.name: z[f.name] for f in fields if f.name in z.files})
+        arrays = {f.name: z[f.name] for f in fields if f.name in z.files}
+    for name, arr in arrays.items():
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"{path}: {name} holds {arr.dtype} values, not numbers")
+    return cls(**arrays)
 
 
 @dataclass
@@ -314,12 +318,61 @@ def write_cache(folder: Path, cache: Cache) -> None:
     atomic_write_json(folder / "manifest.json", cache.manifest.to_json())
 
 
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
+
+
+def _check_fields(obj, where: str) -> None:
+    """Raise ValueError when a field of the dataclass ``obj`` does not hold its annotated JSON type."""
+    for f in dataclasses.fields(obj):
+        want = _TYPES.get(str(f.type))
+        value = getattr(obj, f.name)
+        if want and (not isinstance(value, want) or (isinstance(value, bool) and bool not in want)):
+            raise ValueError(f"{where}: {f.name} is {value!r}, not {f.type}")
+
+
+def _parse_manifest(text: str) -> Manifest:
+    manifest = Manifest.from_json(json.loads(text))
+    if not isinstance(manifest.sources, list):
+        raise ValueError("sources is not a list")
+    for part in (manifest, manifest.settings, *manifest.sources):
+        _check_fields(part, "manifest.json")
+    return manifest
+
+
+def _parse_vocab(text: str) -> list[str]:
+    vocab = json.loads(text)
+    if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
+        raise ValueError("not a list of token strings")
+    return vocab
+
+
+def _load_tokens(path: Path) -> np.ndarray:
+    tokens = np.load(path, allow_pickle=False)
+    if tokens.dtype.kind not in "iu":
+        raise ValueError(f"token ids of type {tokens.dtype}")
+    return tokens
+
+
+def _read(path: Path, read):
+    """``read(path)``, with every way a damaged or missing file fails turned into a ValueError naming it."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path.parent} lacks {path.name}") from None
+    except PermissionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - json, numpy and zipfile fail in many ways on damaged bytes
+        raise ValueError(f"{path} is damaged or truncated ({type(exc).__name__}: {exc})") from None
+
+
 def read_manifest(folder: Path) -> Manifest:
-    return Manifest.from_json(json.loads((Path(folder) / "manifest.json").read_text("utf-8")))
+    path = Path(folder) / "manifest.json"
+    return _read(path, lambda p: _parse_manifest(p.read_text("utf-8")))
 
 
 def read_cache(folder: Path) -> Cache:
-    """Load a complete cache; raises ``ValueError`` naming what is wrong with an unusable one."""
+    """Load a complete cache; raises ``ValueError`` naming what is wrong with an unusable one (a missing,
+    truncated or damaged file, a field of the wrong type, an unfinished analysis)."""
     folder = Path(folder)
     if not (folder / "manifest.json").exists():
         raise ValueError(f"{folder} is not an atlas cache (no manifest.json)")
@@ -332,9 +385,9 @@ def read_cache(folder: Path) -> Cache:
         raise ValueError(f"{folder} holds an unfinished analysis")
     return Cache(
         manifest=manifest,
-        vocab=json.loads((folder / "vocab.json").read_text("utf-8")),
-        tokens=np.load(folder / "tokens.npy", allow_pickle=False),
-        features=_load_npz(FeatureStats, folder / "features.npz"),
-        examples=_load_npz(Examples, folder / "examples.npz"),
-        logits=_load_npz(LogitEffects, folder / "logits.npz"),
+        vocab=_read(folder / "vocab.json", lambda p: _parse_vocab(p.read_text("utf-8"))),
+        tokens=_read(folder / "tokens.npy", _load_tokens),
+        features=_read(folder / "features.npz", lambda p: _load_npz(FeatureStats, p)),
+        examples=_read(folder / "examples.npz", lambda p: _load_npz(Examples, p)),
+        logits=_read(folder / "logits.npz", lambda p: _load_npz(LogitEffects, p)),
     )
