@@ -184,7 +184,8 @@ def from_environment(device: str | None) -> tuple[Comm | None, str | None]:
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        extra = {"device_id": dev} if backend == "nccl" else {}  # NCCL: bind this rank's GPU at once
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, **extra)
     return Comm(rank=rank, world=world, local_rank=local_rank, backend=backend, device=dev), str(dev)
 
 
