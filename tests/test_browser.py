@@ -149,6 +149,8 @@ def test_feature_page(world, page, where):
     tip = page.locator("#tip")
     tip.wait_for(state="visible")
     assert fmt_num(float(ex.top_act[0, 0]), 4) in tip.inner_text()
+    tip.locator(".tipid").wait_for()  # the tokenizer id arrives from data/vocab/ids<k>.js
+    assert tip.locator(".tipid").inner_text().strip() == f"id {int(cache.tokens[seq, pos])}"
     # highlighting: background intensity grows with activation
     bg = first.locator(".tok.max").evaluate("e => getComputedStyle(e).backgroundColor")
     assert re.match(r"rgba\(255, 112, 0, 0\.9", bg), bg

@@ -114,6 +114,25 @@ def test_render_is_deterministic(tmp_path, tiny_site):
     assert _files(again) == _files(site)
 
 
+def test_worker_processes_write_the_same_site(tmp_path, tiny_site, monkeypatch):
+    import atlas.render.site as site_mod
+
+    cache, labels, site, summary = tiny_site
+    monkeypatch.setattr(site_mod, "PAGES_PER_TASK", 2)
+    out = tmp_path / "parallel"
+    again = render_site(cache, out, labels=labels, workers=2)
+    assert _files(out) == _files(site)
+    assert again == summary
+
+    def broken(*a, **k):
+        raise RuntimeError("worker failed")
+
+    monkeypatch.setattr(site_mod, "encode_payload", broken)
+    with pytest.raises(RuntimeError, match="worker failed"):
+        render_site(cache, tmp_path / "broken", labels=labels, workers=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parallel"]
+
+
 def test_summary_and_verify(tiny_site):
     _cache, _labels, site, summary = tiny_site
     files = _files(site)

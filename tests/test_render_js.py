@@ -66,7 +66,9 @@ def _write_fixture(folder: Path) -> None:
     meta = json.loads((site / "data" / "meta.js").read_text("ascii")[len("Atlas.meta("):-3])
     kind = "<u2" if meta["vocab"]["id_bytes"] == 2 else "<u4"
     shutil.copy(site / "data" / "vocab" / "0.js", folder / "vocab0.js")
+    shutil.copy(site / "data" / "vocab" / "ids0.js", folder / "ids0.js")
     _, vocab0 = read_chunk_script((site / "data" / "vocab" / "0.js").read_bytes())
+    _, ids0 = read_chunk_script((site / "data" / "vocab" / "ids0.js").read_bytes())
 
     expected = {
         "sample": {**sample, "bins_kind": {k: v[1] for k, v in bins.items()},
@@ -76,7 +78,7 @@ def _write_fixture(folder: Path) -> None:
             "tt": np.frombuffer(p["tt"], kind).tolist(), "ta": list(p["ta"]), "ig": list(p["ig"]),
             "vs": p["vs"], "h": p["h"], "iv": np.frombuffer(p["iv"], "<f2").astype(float).tolist(),
         },
-        "vocab0": {"s": vocab0["s"], "o": np.frombuffer(vocab0["o"], "<u4").tolist()},
+        "vocab0": {"s": vocab0["s"], "o": np.frombuffer(ids0["o"], "<u4").tolist()},
         "search": {
             "tokens": [{"raw": t, "key": token_key(t)} for t in TRICKY_TOKENS],
             "shards": [{"key": k, "n": n, "hash": fnv1a32(k[:2]), "shard": shard_of(k, n)}

@@ -96,11 +96,19 @@ class WindowTokens:
         self.padded = padded
         self.offsets = np.arange(self.width)
 
-    def __call__(self, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    def _rows_starts(self, seq: np.ndarray, pos: np.ndarray):
         ok = (seq >= 0) & (seq < self.N) & (pos >= 0) & (pos < self.T)
-        rows = np.where(ok, seq, -1)
-        start = np.where(ok, pos, 0)
+        return np.where(ok, seq, -1), np.where(ok, pos, 0)
+
+    def __call__(self, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Site ids ``[..., W]`` of the windows around ``(seq, pos)``; 0 outside sequences and for empty slots."""
+        rows, start = self._rows_starts(seq, pos)
         return self.padded[rows[..., None], start[..., None] + self.offsets]
+
+    def centre(self, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Site ids of the example tokens themselves (window position ``window_before``)."""
+        rows, start = self._rows_starts(seq, pos)
+        return self.padded[rows, start + self.before]
 
 
 def _histogram_obj(counts: np.ndarray) -> list:
@@ -152,27 +160,72 @@ def shards_of_block(n: int, n_shards: int, shift: int, arrays: list[tuple[np.nda
     return [np.flatnonzero(row).tolist() for row in mask]
 
 
-def iter_features(cache: Cache, vocab: SiteVocab, start: int = 0, stop: int | None = None,
-                  block: int = 256) -> Iterator[tuple[FeatureFacts, FeaturePayload, np.ndarray, np.ndarray]]:
-    """Yield ``(facts, payload, centre_tokens, centre_weights)`` for features ``start..stop``.
+@dataclass
+class FactsBlock:
+    """The facts of a block of features and the (feature, max token, weight) triples of their top
+    examples, which the token search ranks by (weight: activation relative to the feature's max)."""
 
-    ``centre_tokens`` are the site ids of the top examples' max tokens and ``centre_weights`` their
-    activation relative to the feature's max (what the token search ranks by).
-    """
+    facts: list[FeatureFacts]
+    centre_feat: np.ndarray
+    centre_tok: np.ndarray
+    centre_w: np.ndarray
+
+
+def feature_facts(cache: Cache, gather: WindowTokens, a: int, b: int) -> FactsBlock:
+    """Facts of the features with cache indices ``a..b`` (vectorised; no example windows gathered)."""
     m = cache.manifest
-    st = m.settings
+    fs, ex = cache.features, cache.examples
+    S = len(m.sources)
+    two = S == 2
+    first_id = m.feature_offset
+    n = b - a
+    mx = np.asarray(fs.max_act[a:b], dtype=np.float32)
+    t_seq, t_pos = np.asarray(ex.top_seq[a:b]), np.asarray(ex.top_pos[a:b])
+    t_valid = t_seq >= 0
+    centre = gather.centre(t_seq, t_pos)
+    t_act = np.asarray(ex.top_act[a:b], dtype=np.float32)
+    weight = np.where(mx[:, None] > 0, t_act / np.maximum(mx[:, None], 1e-30), 0.0)
+    tops = top_tokens_of_block(centre, weight, t_valid)
+    dn = np.asarray(fs.dec_norm[a:b], dtype=np.float32)
+    dn_list = dn.tolist()
+    peak = np.argmax(dn, axis=1).tolist() if S else [0] * n
+    rel = np.asarray(fs.rel_norm[a:b], dtype=np.float32).tolist()
+    cos = np.asarray(fs.dec_cos[a:b], dtype=np.float32).tolist()
+    dens = np.asarray(fs.density[a:b], dtype=np.float64).tolist()
+    nact = np.asarray(fs.n_active[a:b]).tolist()
+    mean = np.asarray(fs.mean_act[a:b], dtype=np.float32).tolist()
+    mxl = mx.tolist()
+    n_top = t_valid.sum(axis=1).tolist()
+    nan = float("nan")
+    facts = [
+        FeatureFacts(
+            id=first_id + a + j, index=a + j, density=dens[j], n_active=int(nact[j]), max_act=mxl[j],
+            mean_act=mean[j], rel_norm=rel[j] if two else nan, dec_cos=cos[j] if two else nan,
+            dec_norm=dn_list[j], peak=int(peak[j]), n_top=int(n_top[j]), top_tokens=tops[j],
+        )
+        for j in range(n)
+    ]
+    sel = t_valid & (centre > 0)
+    feat = (first_id + a + _row_index(centre.shape))[sel].astype(np.int64)
+    return FactsBlock(facts, feat, centre[sel].astype(np.int64), weight[sel].astype(np.float64))
+
+
+def iter_features(cache: Cache, vocab: SiteVocab, start: int = 0, stop: int | None = None, block: int = 256,
+                  gather: WindowTokens | None = None) -> Iterator[tuple[FeatureFacts, FeaturePayload]]:
+    """Yield ``(facts, payload)`` for the features with cache indices ``start..stop``."""
+    m = cache.manifest
     F = m.n_features
     stop = F if stop is None else min(stop, F)
     fs, ex, lg = cache.features, cache.examples, cache.logits
-    gather = WindowTokens(cache, vocab)
+    gather = gather or WindowTokens(cache, vocab)
     id_dtype = "<u2" if vocab.id_kind == "u2" else "<u4"
-    wb = st.window_before
     S = len(m.sources)
     two = S == 2
     first_id = m.feature_offset
     for a in range(start, stop, block):
         b = min(stop, a + block)
         n = b - a
+        facts = feature_facts(cache, gather, a, b).facts
         mx = np.asarray(fs.max_act[a:b], dtype=np.float32)
         # top examples
         t_seq, t_pos = np.asarray(ex.top_seq[a:b]), np.asarray(ex.top_pos[a:b])
@@ -187,7 +240,7 @@ def iter_features(cache: Cache, vocab: SiteVocab, start: int = 0, stop: int | No
         i_q = quantise(ex.iv_window[a:b], mx)
         i_act = np.asarray(ex.iv_act[a:b], dtype="<f2")
         i_count = i_valid.sum(axis=2).astype(np.uint8)
-        i_width = np.asarray(ex.iv_width[a:b], dtype=np.float32)
+        i_width = np.asarray(ex.iv_width[a:b], dtype=np.float32).tolist()
         # logits
         l_top = vocab.to_site(np.asarray(lg.top_ids[a:b]))
         l_bot = vocab.to_site(np.asarray(lg.bot_ids[a:b]))
@@ -196,49 +249,36 @@ def iter_features(cache: Cache, vocab: SiteVocab, start: int = 0, stop: int | No
         l_h = np.asarray(lg.hist_counts[a:b]).tolist()
         l_lo = np.asarray(lg.hist_lo[a:b], dtype=np.float32).tolist()
         l_hi = np.asarray(lg.hist_hi[a:b], dtype=np.float32).tolist()
-        # scalars and neighbours
+        # histogram and neighbours
         hist = np.asarray(fs.hist_counts[a:b])
-        dn = np.asarray(fs.dec_norm[a:b], dtype=np.float32)
-        dn_list = dn.tolist()
-        peak = np.argmax(dn, axis=1).tolist() if S else [0] * n
-        rel = np.asarray(fs.rel_norm[a:b], dtype=np.float32).tolist()
-        cos = np.asarray(fs.dec_cos[a:b], dtype=np.float32).tolist()
-        dens = np.asarray(fs.density[a:b], dtype=np.float64).tolist()
-        nact = np.asarray(fs.n_active[a:b]).tolist()
-        mean = np.asarray(fs.mean_act[a:b], dtype=np.float32).tolist()
         nb_ids = np.asarray(fs.neighbours[a:b]).astype(np.int64)
         nb_cos = np.asarray(fs.neighbour_cos[a:b], dtype=np.float32)
         nb_ok = (nb_ids >= 0) & (nb_ids != (first_id + np.arange(a, b))[:, None]) & np.isfinite(nb_cos)
         nb_ids_b = nb_ids.astype("<u4")
         nb_cos_b = nb_cos.astype("<f2")
-        centre = t_tok[:, :, wb]
-        weight = np.where(mx[:, None] > 0, t_act / np.maximum(mx[:, None], 1e-30), 0.0)
-        tops = top_tokens_of_block(centre, weight, t_valid)
         shards = shards_of_block(n, vocab.n_shards, vocab.shard_bits, [
             (t_tok, t_valid[..., None]), (i_tok, i_valid[..., None]), (l_top, True), (l_bot, True)])
         t_tok = t_tok.astype(id_dtype, copy=False)
         i_tok = i_tok.astype(id_dtype, copy=False)
         l_top = l_top.astype(id_dtype, copy=False)
         l_bot = l_bot.astype(id_dtype, copy=False)
-        n_top = t_valid.sum(axis=1).tolist()
 
         for j in range(n):
-            i = a + j
+            f = facts[j]
             tv = t_valid[j]
             iv = i_valid[j]
             nv = nb_ok[j]
-            mxj = float(mx[j])
             obj = {
-                "id": first_id + i,
-                "max": mxj,
-                "dn": dn_list[j],
-                "rel": _float_or_none(rel[j]) if two else None,
-                "cos": _float_or_none(cos[j]) if two else None,
+                "id": f.id,
+                "max": f.max_act,
+                "dn": f.dec_norm,
+                "rel": _float_or_none(f.rel_norm) if two else None,
+                "cos": _float_or_none(f.dec_cos) if two else None,
                 "tt": t_tok[j][tv].tobytes(),
                 "ta": t_q[j][tv].tobytes(),
                 "tv": t_act[j][tv].tobytes(),
                 "ig": i_count[j].tobytes(),
-                "iw": float(i_width[j]),
+                "iw": i_width[j],
                 "it": i_tok[j][iv].tobytes(),
                 "ia": i_q[j][iv].tobytes(),
                 "iv": i_act[j][iv].tobytes(),
@@ -252,9 +292,4 @@ def iter_features(cache: Cache, vocab: SiteVocab, start: int = 0, stop: int | No
                 "nc": nb_cos_b[j][nv].tobytes(),
                 "vs": shards[j],
             }
-            facts = FeatureFacts(
-                id=first_id + i, index=i, density=dens[j], n_active=int(nact[j]), max_act=mxj, mean_act=mean[j],
-                rel_norm=rel[j] if two else float("nan"), dec_cos=cos[j] if two else float("nan"),
-                dec_norm=dn_list[j], peak=int(peak[j]), n_top=int(n_top[j]), top_tokens=tops[j],
-            )
-            yield facts, FeaturePayload(obj), centre[j][tv], weight[j][tv]
+            yield f, FeaturePayload(obj)

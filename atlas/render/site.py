@@ -29,7 +29,7 @@ from ..errors import AtlasError
 
 from .assets import asset_files
 from .chunks import PAGE_LEVEL, encode_payload
-from .features import FeatureFacts, iter_features
+from .features import FeatureFacts, WindowTokens, feature_facts, iter_features
 from .index import ROWS_PER_CHUNK, index_chunk_files
 from .labels import Label, load_labels
 from .load import load_cache
@@ -56,6 +56,7 @@ class _Job:
 
     cache: object
     vocab: object
+    gather: WindowTokens
     site: SiteInfo
     labels: dict[int, Label]
     folder: Path
@@ -65,32 +66,27 @@ class _Job:
 
 
 @dataclass
-class _RangeResult:
-    facts: list[FeatureFacts]
-    centre_feat: np.ndarray
-    centre_tok: np.ndarray
-    centre_w: np.ndarray
-    n_files: int
+class _PagesWritten:
+    n_pages: int
     total_bytes: int
     largest: tuple[str, int]
 
 
 _JOB: _Job | None = None
 PAGES_PER_TASK = 1024
+FACTS_BLOCK = 4096
 MIN_FEATURES_PER_WORKER = 2048
 
 
-def _render_range(bounds: tuple[int, int]) -> _RangeResult:
+def _render_range(bounds: tuple[int, int]) -> _PagesWritten:
     """Write the pages of features ``bounds[0]..bounds[1]`` (cache indices) into the staging folder."""
     job = _JOB
     start, stop = bounds
-    facts_out: list[FeatureFacts] = []
-    feats, toks, ws = [], [], []
-    n_files = total = 0
+    total = 0
     largest = ("", 0)
     fdir = job.folder / "f"
     labels = job.labels
-    for facts, payload, ct, cw in iter_features(job.cache, job.vocab, start, stop):
+    for facts, payload in iter_features(job.cache, job.vocab, start, stop, gather=job.gather):
         obj = payload.obj
         if labels:
             obj["nl"] = [labels[i].label if i in labels else "" for i in np.frombuffer(obj["nb"], "<u4").tolist()]
@@ -101,18 +97,10 @@ def _render_range(bounds: tuple[int, int]) -> _RangeResult:
         os.mkdir(folder)
         with open(folder / "index.html", "wb") as fh:
             fh.write(data)
-        n_files += 1
         total += len(data)
         if len(data) > largest[1]:
             largest = (f"f/{facts.id}/index.html", len(data))
-        facts_out.append(facts)
-        if len(ct):
-            feats.append(np.full(len(ct), facts.id, np.int64))
-            toks.append(np.asarray(ct, np.int64))
-            ws.append(np.asarray(cw, np.float64))
-    cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
-    return _RangeResult(facts_out, cat(feats, np.int64), cat(toks, np.int64), cat(ws, np.float64),
-                        n_files, total, largest)
+    return _PagesWritten(stop - start, total, largest)
 
 
 def _default_workers(n_features: int) -> int:
@@ -121,24 +109,45 @@ def _default_workers(n_features: int) -> int:
     return max(1, min(os.cpu_count() or 1, 8, n_features // MIN_FEATURES_PER_WORKER))
 
 
-def _render_pages(job: _Job, n_features: int, workers: int, bar) -> list[_RangeResult]:
-    global _JOB
-    ranges = [(a, min(n_features, a + PAGES_PER_TASK)) for a in range(0, n_features, PAGES_PER_TASK)]
-    _JOB = job
-    results = []
-    try:
-        if workers <= 1 or len(ranges) <= 1:
-            for r in ranges:
-                results.append(_render_range(r))
-                bar.update(r[1] - r[0])
-        else:
-            with mp.get_context("fork").Pool(workers) as pool:
-                for res in pool.imap(_render_range, ranges):
-                    results.append(res)
-                    bar.update(len(res.facts))
-    finally:
-        _JOB = None
-    return results
+class _PageWriters:
+    """Feature pages written by worker processes (fork) while the caller does other work, or in this
+    process when ``workers`` is 1. The pages do not depend on how they were split."""
+
+    def __init__(self, job: _Job, n_features: int, workers: int, bar):
+        global _JOB
+        self.ranges = [(a, min(n_features, a + PAGES_PER_TASK)) for a in range(0, n_features, PAGES_PER_TASK)]
+        self.bar = bar
+        self.pool = None
+        self.pending = []
+        _JOB = job
+        if workers > 1 and len(self.ranges) > 1:
+            self.pool = mp.get_context("fork").Pool(workers)
+            self.pending = [self.pool.apply_async(_render_range, (r,), callback=lambda res: bar.update(res.n_pages))
+                            for r in self.ranges]
+
+    def results(self) -> list[_PagesWritten]:
+        """Wait for every page (in this process when there is no pool)."""
+        global _JOB
+        try:
+            if self.pool is None:
+                out = []
+                for r in self.ranges:
+                    out.append(_render_range(r))
+                    self.bar.update(r[1] - r[0])
+                return out
+            out = [p.get() for p in self.pending]
+            self.pool.close()
+            self.pool.join()
+            return out
+        finally:
+            self.close()
+            _JOB = None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
 
 
 def _site_title(cache, title: str | None) -> str:
@@ -195,58 +204,25 @@ def render_site(cache_dir: Path, out: Path, *, title: str | None = None, labels:
         staged.write_all(asset_files())
         staged.write_all(vocab.shard_files())
         (staged.dir / "f").mkdir()
-        job = _Job(cache=cache, vocab=vocab, site=site, labels=label_map, folder=staged.dir, page_ids=page_ids,
-                   template=env.get_template("feature.html"), chrome=feature_chrome(env, site))
+        gather = WindowTokens(cache, vocab)
+        job = _Job(cache=cache, vocab=vocab, gather=gather, site=site, labels=label_map, folder=staged.dir,
+                   page_ids=page_ids, template=env.get_template("feature.html"), chrome=feature_chrome(env, site))
         bar = tqdm(total=F, unit="feature", desc="render", disable=(not progress) if progress is not None else None,
                    file=sys.stderr, mininterval=0.5)
-        with bar:
-            results = _render_pages(job, F, workers, bar)
-        facts_all: list[FeatureFacts] = [f for r in results for f in r.facts]
-        tokens = TokenIndexBuilder(vocab.strings)
-        for r in results:
-            staged.count(r.n_files, r.total_bytes, r.largest)
-            tokens.add_many(r.centre_feat, r.centre_tok, r.centre_w)
-
-        n_tok_shards, tok_files = token_shard_files(tokens)
-        staged.write_all(tok_files)
-        n_lab_shards, lab_files = label_shard_files(label_map, set(page_ids))
-        staged.write_all(lab_files)
-        has_labels = bool(label_map)
-        index_files = index_chunk_files(facts_all, vocab.strings, label_map if has_labels else None)
-        staged.write_all(index_files)
-
-        meta = SiteMeta({
-            "title": site.title,
-            "first_id": first,
-            "n_features": F,
-            "sources": [{"model": s.model, "site": s.site} for s in m.sources],
-            "window_before": m.settings.window_before,
-            "window": m.settings.window,
-            "hist": {"log10_min": m.settings.hist_log10_min, "log10_max": m.settings.hist_log10_max,
-                     "bins": m.settings.hist_bins},
-            "vocab": {"size": vocab.size, "shard_bits": vocab.shard_bits, "n_shards": vocab.n_shards,
-                      "id_bytes": 2 if vocab.id_kind == "u2" else 4},
-            "index": {"n_chunks": len(index_files), "rows_per_chunk": ROWS_PER_CHUNK},
-            "search": {"token_shards": n_tok_shards, "label_shards": n_lab_shards},
-            "has_labels": has_labels,
-            "has_diff": site.has_diff,
-            "rel_thresholds": [REL_A_ONLY, REL_B_ONLY],
-        })
-        staged.write("data/meta.js", meta.to_bytes())
-
-        description = f"{site.title}: an atlas of {F:,} features of {', '.join(names)}."
-        staged.write("index.html", env.get_template("index.html").render(
-            root="", site=site, description=description, n_sources=S, has_labels=has_labels,
-            rel_a=REL_A_ONLY, rel_b=REL_B_ONLY, page_scripts=["index.js"]).encode("utf-8"))
-        if site.has_diff:
-            staged.write("diff/index.html", env.get_template("diff.html").render(
-                root="../", site=site, charts=overview_charts(facts_all, names),
-                classes=overview_classes(facts_all, S), page_scripts=[]).encode("utf-8"))
-        staged.write("404.html", env.get_template("404.html").render(site=site).encode("utf-8"))
-        staged.write("features.csv", features_csv(facts_all, vocab.strings, label_map, S))
-        paths = ["index.html"] + (["diff/"] if site.has_diff else []) + [f"f/{i}/" for i in page_ids]
-        staged.write_all(sitemap_files(paths, site_url))
-        staged.write(".nojekyll", b"")
+        writers = _PageWriters(job, F, workers, bar)  # pages are written while the site-wide files are built
+        try:
+            facts_all: list[FeatureFacts] = []
+            tokens = TokenIndexBuilder(vocab.strings)
+            for a in range(0, F, FACTS_BLOCK):
+                block = feature_facts(cache, gather, a, min(F, a + FACTS_BLOCK))
+                facts_all.extend(block.facts)
+                tokens.add_many(block.centre_feat, block.centre_tok, block.centre_w)
+            _write_site_files(staged, env, cache, site, vocab, facts_all, tokens, label_map, site_url)
+            for r in writers.results():
+                staged.count(r.n_pages, r.total_bytes, r.largest)
+        finally:
+            writers.close()
+            bar.close()
         staged.write(MARKER, make_marker(first, F, site.has_diff, site.title).to_bytes())
         staged.commit()
     except BaseException:
@@ -254,3 +230,52 @@ def render_site(cache_dir: Path, out: Path, *, title: str | None = None, labels:
         raise
     return RenderSummary(n_features=F, n_files=staged.n_files, total_bytes=staged.total_bytes,
                          largest_file_bytes=staged.largest[1], largest_file=staged.largest[0])
+
+
+def _write_site_files(staged: StagedSite, env, cache, site: SiteInfo, vocab, facts_all: list[FeatureFacts],
+                      tokens: TokenIndexBuilder, label_map: dict[int, Label], site_url: str | None) -> None:
+    """Everything but the feature pages and the marker: data scripts, index, overview, site files."""
+    m = cache.manifest
+    F, S, first = m.n_features, len(m.sources), m.feature_offset
+    page_ids = range(first, first + F)
+    names = site.sources
+    n_tok_shards, tok_files = token_shard_files(tokens)
+    staged.write_all(tok_files)
+    n_lab_shards, lab_files = label_shard_files(label_map, set(page_ids))
+    staged.write_all(lab_files)
+    has_labels = bool(label_map)
+    index_files = index_chunk_files(facts_all, vocab.strings, label_map if has_labels else None)
+    staged.write_all(index_files)
+
+    meta = SiteMeta({
+        "title": site.title,
+        "first_id": first,
+        "n_features": F,
+        "sources": [{"model": s.model, "site": s.site} for s in m.sources],
+        "window_before": m.settings.window_before,
+        "window": m.settings.window,
+        "hist": {"log10_min": m.settings.hist_log10_min, "log10_max": m.settings.hist_log10_max,
+                 "bins": m.settings.hist_bins},
+        "vocab": {"size": vocab.size, "shard_bits": vocab.shard_bits, "n_shards": vocab.n_shards,
+                  "id_bytes": 2 if vocab.id_kind == "u2" else 4},
+        "index": {"n_chunks": len(index_files), "rows_per_chunk": ROWS_PER_CHUNK},
+        "search": {"token_shards": n_tok_shards, "label_shards": n_lab_shards},
+        "has_labels": has_labels,
+        "has_diff": site.has_diff,
+        "rel_thresholds": [REL_A_ONLY, REL_B_ONLY],
+    })
+    staged.write("data/meta.js", meta.to_bytes())
+
+    description = f"{site.title}: an atlas of {F:,} features of {', '.join(names)}."
+    staged.write("index.html", env.get_template("index.html").render(
+        root="", site=site, description=description, n_sources=S, has_labels=has_labels,
+        rel_a=REL_A_ONLY, rel_b=REL_B_ONLY, page_scripts=["index.js"]).encode("utf-8"))
+    if site.has_diff:
+        staged.write("diff/index.html", env.get_template("diff.html").render(
+            root="../", site=site, charts=overview_charts(facts_all, names),
+            classes=overview_classes(facts_all, S), page_scripts=[]).encode("utf-8"))
+    staged.write("404.html", env.get_template("404.html").render(site=site).encode("utf-8"))
+    staged.write("features.csv", features_csv(facts_all, vocab.strings, label_map, S))
+    paths = ["index.html"] + (["diff/"] if site.has_diff else []) + [f"f/{i}/" for i in page_ids]
+    staged.write_all(sitemap_files(paths, site_url))
+    staged.write(".nojekyll", b"")

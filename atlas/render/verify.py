@@ -73,6 +73,22 @@ def _check_link(site: Path, page: Path, link: str) -> str | None:
     return None
 
 
+def _all_files(site: Path) -> dict[str, int]:
+    """``{relative path: size}`` of every file under ``site`` (one stat per entry)."""
+    out: dict[str, int] = {}
+    stack = [("", str(site))]
+    while stack:
+        prefix, folder = stack.pop()
+        with os.scandir(folder) as it:
+            for e in it:
+                rel = prefix + e.name
+                if e.is_dir(follow_symlinks=False):
+                    stack.append((rel + "/", e.path))
+                elif e.is_file():
+                    out[rel] = e.stat().st_size
+    return out
+
+
 def verify_site(out: Path) -> list[str]:
     """Problems found in the site at ``out`` (see the module docstring); ``[]`` when it is fine."""
     site = Path(out)
@@ -87,9 +103,10 @@ def verify_site(out: Path) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return [f"{MARKER} is missing or unreadable ({exc}): not a complete atlas site"]
 
+    files = _all_files(site)
     required = list(REQUIRED) + (["diff/index.html"] if has_diff else [])
-    problems += [f"missing {r}" for r in required if not (site / r).is_file()]
-    missing = [i for i in range(first, first + n) if not (site / "f" / str(i) / "index.html").is_file()]
+    problems += [f"missing {r}" for r in required if r not in files]
+    missing = [i for i in range(first, first + n) if f"f/{i}/index.html" not in files]
     if missing:
         problems.append(f"missing {len(missing)} feature pages (first: f/{missing[0]}/index.html)")
 
@@ -114,10 +131,7 @@ def verify_site(out: Path) -> list[str]:
                 for u in sorted(urls)[:3]:
                     problems.append(f"assets/{f.name}: network URL {u.decode('ascii', 'replace')}")
 
-    for dirpath, _dirs, filenames in os.walk(site):
-        for name in filenames:
-            p = os.path.join(dirpath, name)
-            size = os.path.getsize(p)
-            if size > MAX_FILE_BYTES:
-                problems.append(f"{os.path.relpath(p, site)} is {size / 1e6:.0f} MB (over 100 MB)")
+    for rel, size in sorted(files.items()):
+        if size > MAX_FILE_BYTES:
+            problems.append(f"{rel} is {size / 1e6:.0f} MB (over 100 MB)")
     return problems

@@ -21,22 +21,34 @@ SHARD_BITS = 11  # 2048 tokens per shard
 
 @dataclass
 class VocabShard:
-    """``data/vocab/<k>.js``: the tokens with site ids ``[k << bits, (k + 1) << bits)``.
+    """``data/vocab/<k>.js``: the token strings with site ids ``[k << bits, (k + 1) << bits)``.
 
     Read by ``assets/atlas.js`` (``Atlas.vocab.ensure``), loaded by feature pages for the shards listed
-    in their payload (``vs``). msgpack map:
-
-    - ``k``: shard index
-    - ``s``: list of token display strings, in site-id order (site id 0 is ``""``)
-    - ``o``: bin, uint32 LE: the tokenizer id of each entry (shown on hover; 0xFFFFFFFF for site id 0)
+    in their payload (``vs``). msgpack map ``{"k": shard index, "s": [display string, ...]}`` in site-id
+    order (site id 0 is ``""``).
     """
 
     k: int
     strings: list[str]
+
+    def to_obj(self) -> dict:
+        return {"k": self.k, "s": self.strings}
+
+
+@dataclass
+class TokenIdShard:
+    """``data/vocab/ids<k>.js``: the tokenizer id of each token of vocab shard ``k``.
+
+    Read by ``assets/atlas.js`` (``Atlas.tokIdAsync``) only when a token is hovered: ids of
+    frequency-ranked tokens do not compress, so they are kept out of the string shards every page
+    loads. msgpack map ``{"k": shard index, "o": bin uint32 LE}`` (0xFFFFFFFF for site id 0).
+    """
+
+    k: int
     orig_ids: np.ndarray
 
     def to_obj(self) -> dict:
-        return {"k": self.k, "s": self.strings, "o": pack(self.orig_ids, "u4")}
+        return {"k": self.k, "o": pack(self.orig_ids, "u4")}
 
 
 @dataclass
@@ -64,18 +76,16 @@ class SiteVocab:
         ids = np.asarray(token_ids)
         return self.site_of[np.clip(ids, -1, len(self.site_of) - 2) + 1]
 
-    def shards(self) -> list[VocabShard]:
+    def shard_files(self) -> dict[str, bytes]:
+        """``{path in the site: bytes}`` of every string shard and token-id shard."""
         size = 1 << self.shard_bits
-        out = []
+        out = {}
         for k in range(self.n_shards):
             lo, hi = k * size, min((k + 1) * size, self.size)
-            orig = self.orig_ids[lo:hi].astype(np.int64) & 0xFFFFFFFF
-            out.append(VocabShard(k, self.strings[lo:hi], orig))
+            out[f"data/vocab/{k}.js"] = chunk_script(f"vocab/{k}", VocabShard(k, self.strings[lo:hi]).to_obj())
+            ids = self.orig_ids[lo:hi].astype(np.int64) & 0xFFFFFFFF
+            out[f"data/vocab/ids{k}.js"] = chunk_script(f"vocab/ids{k}", TokenIdShard(k, ids).to_obj())
         return out
-
-    def shard_files(self) -> dict[str, bytes]:
-        """``{path in the site: bytes}`` of every vocab shard."""
-        return {f"data/vocab/{s.k}.js": chunk_script(f"vocab/{s.k}", s.to_obj()) for s in self.shards()}
 
 
 def build_site_vocab(cache: Cache, shard_bits: int = SHARD_BITS) -> SiteVocab:

@@ -5,7 +5,8 @@
  *   atlas/render/chunks.py). Classic scripts are used because fetch(), ES modules and workers are
  *   blocked on file://.
  * - Atlas.meta({...}) is called by data/meta.js with the site constants (Atlas.site).
- * - Tokens: Atlas.vocab.ensure(shards) loads data/vocab/<k>.js; Atlas.tok(siteId) gives the string.
+ * - Tokens: Atlas.vocab.ensure(shards) loads data/vocab/<k>.js; Atlas.tok(siteId) gives the string,
+ *   Atlas.tokIdAsync(siteId) the tokenizer id (data/vocab/ids<k>.js, loaded on first hover).
  * - Search: Atlas.search(query) (id, token and label search over data/search/*.js shards) and the
  *   search box in every page's header; "/" focuses it.
  * Untrusted text (tokens, labels) only ever reaches the DOM through textContent.
@@ -120,19 +121,16 @@
   Atlas.meta = function (m) { Atlas.site = m; };
 
   // ------------------------------------------------------------------ tokens
-  var strings = [], origIds = [], shardLoads = {};
+  var strings = [], origIds = [], shardLoads = {}, idLoads = {};
   Atlas.vocab = {
-    /** Load the vocab shards listed (site ids k << bits ...). */
+    /** Load the string shards listed (site ids k << bits ...). */
     ensure: function (shards) {
       var bits = Atlas.site.vocab.shard_bits;
       return Promise.all((shards || []).map(function (k) {
         if (!shardLoads[k]) {
           shardLoads[k] = Atlas.load("vocab/" + k).then(function (sh) {
-            var base = sh.k << bits, o = Atlas.u32(sh.o);
-            for (var i = 0; i < sh.s.length; i++) {
-              strings[base + i] = sh.s[i];
-              origIds[base + i] = o[i];
-            }
+            var base = sh.k << bits;
+            for (var i = 0; i < sh.s.length; i++) strings[base + i] = sh.s[i];
           });
         }
         return shardLoads[k];
@@ -141,8 +139,21 @@
   };
   /** The string of a site token id ("" for 0 or an unloaded id). */
   Atlas.tok = function (id) { var s = strings[id]; return s === undefined ? "" : s; };
-  /** The tokenizer id of a site token id (-1 when unknown). */
-  Atlas.tokId = function (id) { var o = origIds[id]; return o === undefined || o === 0xffffffff ? -1 : o; };
+  /** Promise of the tokenizer id of a site token id (-1 when unknown); loads data/vocab/ids<k>.js once. */
+  Atlas.tokIdAsync = function (id) {
+    if (!id) return Promise.resolve(-1);
+    var k = id >> Atlas.site.vocab.shard_bits;
+    if (!idLoads[k]) {
+      idLoads[k] = Atlas.load("vocab/ids" + k).then(function (sh) {
+        var base = sh.k << Atlas.site.vocab.shard_bits, o = Atlas.u32(sh.o);
+        for (var i = 0; i < o.length; i++) origIds[base + i] = o[i];
+      });
+    }
+    return idLoads[k].then(function () {
+      var o = origIds[id];
+      return o === undefined || o === 0xffffffff ? -1 : o;
+    });
+  };
 
   // ------------------------------------------------------------------ text
   var MARKS = { "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d", "\u007f": "\u2421" };

@@ -261,8 +261,12 @@
       tip.appendChild(A.el("strong", null, t.getAttribute("data-v")));
       var id = +t.getAttribute("data-t");
       tip.appendChild(A.el("span", "tiptok", " " + A.chip(A.tok(id))));
-      var orig = A.tokId(id);
-      if (orig >= 0) tip.appendChild(A.el("span", "tipid", " id " + orig));
+      tip.setAttribute("data-t", id);
+      A.tokIdAsync(id).then(function (orig) {
+        if (orig >= 0 && !tip.hidden && tip.getAttribute("data-t") === String(id)) {
+          tip.appendChild(A.el("span", "tipid", " id " + orig));
+        }
+      }, function () { /* the id is optional */ });
       tip.hidden = false;
       var r = t.getBoundingClientRect();
       var x = Math.min(r.left, window.innerWidth - tip.offsetWidth - 8);

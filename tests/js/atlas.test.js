@@ -67,11 +67,11 @@ test("decodes the payload embedded in a rendered feature page", { skip: !fixture
   Array.from(Atlas.f16(p.iv)).forEach((v, i) => assert.ok(Math.abs(v - exp.iv[i]) < 1e-6));
 });
 
-test("vocab shard strings survive the round trip", { skip: !fixture }, async () => {
-  const call = runDataScript(path.join(fixture, "vocab0.js"));
-  const sh = await Atlas.decode(call.b64);
+test("vocab shard strings and token ids survive the round trip", { skip: !fixture }, async () => {
+  const sh = await Atlas.decode(runDataScript(path.join(fixture, "vocab0.js")).b64);
   assert.deepEqual(sh.s, expected.vocab0.s);
-  assert.deepEqual(Array.from(Atlas.u32(sh.o)), expected.vocab0.o);
+  const ids = await Atlas.decode(runDataScript(path.join(fixture, "ids0.js")).b64);
+  assert.deepEqual(Array.from(Atlas.u32(ids.o)), expected.vocab0.o);
 });
 
 test("search keys and shards agree with Python", { skip: !fixture }, () => {
