@@ -20,7 +20,7 @@ REL_B_ONLY = 0.7  # r above: mostly to source 1 (model B)
 REL_BINS = 20
 COS_BINS = 20
 
-CHART_W, CHART_H, PAD_L, PAD_B, PAD_T = 640, 180, 44, 34, 10
+CHART_W, CHART_H, PAD_L, PAD_B, PAD_T, PAD_R = 640, 180, 44, 34, 10, 24
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Chart:
     pad_left: int = PAD_L
     pad_bottom: int = PAD_B
     pad_top: int = PAD_T
+    pad_right: int = PAD_R
 
 
 def rel_class(r: float) -> str:
@@ -70,7 +71,7 @@ def _bin_counts(values: np.ndarray, edges: list[str]) -> np.ndarray:
 
 def _layout(counts, labels, hrefs, ticks_at, title, note) -> Chart:
     n = len(counts)
-    inner_w = CHART_W - PAD_L - 8
+    inner_w = CHART_W - PAD_L - PAD_R
     inner_h = CHART_H - PAD_B - PAD_T
     y_max = max(int(max(counts, default=0)), 1)
     bw = inner_w / max(n, 1)

@@ -89,6 +89,7 @@
         span.setAttribute("data-v", qa ? (isMax ? A.fmt(value, 4) : "\u2248" + A.fmt(value)) : "0");
         span.setAttribute("data-t", id);
         line.appendChild(span);
+        line.appendChild(doc.createElement("wbr")); // lines break between tokens, not inside them
       }
       row.appendChild(line);
       frag.appendChild(row);
@@ -132,12 +133,12 @@
   // ---------------------------------------------------------------- charts
   function barChart(body, opts) {
     // opts: bins [{count, title, cls}], ticks [{at (0..1), text}], label
-    var Wd = 600, H = 150, pl = 40, pb = 24, pt = 8, n = opts.bins.length;
+    var Wd = 600, H = 150, pl = 40, pb = 24, pt = 8, pr = 24, n = opts.bins.length;
     var root = svg("svg", { viewBox: "0 0 " + Wd + " " + H, class: "hist", role: "img", "aria-label": opts.label });
     var ymax = 1;
     opts.bins.forEach(function (b) { if (b.count > ymax) ymax = b.count; });
-    var iw = Wd - pl - 8, ih = H - pb - pt, bw = iw / Math.max(n, 1);
-    root.appendChild(svg("line", { class: "axis", x1: pl, y1: H - pb, x2: Wd - 8, y2: H - pb }));
+    var iw = Wd - pl - pr, ih = H - pb - pt, bw = iw / Math.max(n, 1);
+    root.appendChild(svg("line", { class: "axis", x1: pl, y1: H - pb, x2: Wd - pr, y2: H - pb }));
     var yl = svg("text", { class: "ylab", x: pl - 6, y: pt + 8 }); yl.textContent = A.fmt(ymax, 3); root.appendChild(yl);
     var y0 = svg("text", { class: "ylab", x: pl - 6, y: H - pb }); y0.textContent = "0"; root.appendChild(y0);
     opts.bins.forEach(function (b, i) {
