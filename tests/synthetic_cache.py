@@ -130,7 +130,7 @@ def make_synthetic_cache(
     rng = np.random.default_rng(seed)
     st = settings or Settings(seq_len=seq_len, n_sequences=n_sequences)
     st.seq_len, st.n_sequences = seq_len, n_sequences
-    F, S, K, W = n_features, n_sources, st.top_k, st.window
+    F, S, K = n_features, n_sources, st.top_k
     G, k = 2 * st.n_intervals, st.interval_k
     wb, wa = st.window_before, st.window_after
 

@@ -214,7 +214,7 @@ def test_index_lists_sorts_and_filters(world, page, where):
 
 
 def test_search(world, page):
-    cache, site = world["cache"], world["site"]
+    site = world["site"]
     base = world["bases"]["sub"]
     _ready(page, base + "index.html")
     page.keyboard.press("/")
@@ -252,7 +252,6 @@ def test_search(world, page):
     page.press("#q", "Enter")
     page.wait_for_url(re.compile(r"/sub/site/f/23/index\.html$"))
     page.wait_for_selector("html[data-ready]")
-    del cache
 
 
 # --------------------------------------------------------------------------- overview, embed, keys
@@ -301,6 +300,25 @@ def test_embed_permalink_and_keys(world, page):
     page.wait_for_selector("html[data-ready]")
     page.keyboard.press("k")
     page.wait_for_url(re.compile(r"/f/3/index\.html$"))
+
+
+def test_wide_token_ids(world, page, monkeypatch):
+    """Sites whose shown vocabulary exceeds 65,535 tokens store token ids as uint32."""
+    from atlas.render.vocab import SiteVocab
+
+    monkeypatch.setattr(SiteVocab, "id_kind", property(lambda self: "u4"))
+    root = world["root"]
+    cache_dir = write_synthetic_cache(root / "cache-wide", n_features=4, vocab_size=150, n_sequences=10, seq_len=40)
+    site = root / "site-wide"
+    render_site(cache_dir, site)
+    meta = json.loads((site / "data" / "meta.js").read_text("ascii")[len("Atlas.meta("):-3])
+    assert meta["vocab"]["id_bytes"] == 4
+    cache = read_cache(cache_dir)
+    seq, pos = int(cache.examples.top_seq[0, 0]), int(cache.examples.top_pos[0, 0])
+    _ready(page, site.as_uri() + "/f/0/index.html")
+    assert page.locator("[data-panel=top] .ex").first.locator(".tok.max").inner_text() == \
+        visible(cache.vocab[int(cache.tokens[seq, pos])])
+    assert page.locator("[data-panel=logits] .chip").first.inner_text() != ""
 
 
 @pytest.mark.parametrize("n_sources", [1, 4])

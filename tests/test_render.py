@@ -383,7 +383,6 @@ def test_token_search_index(tiny_site):
         for e in read_chunk_script((site / "data" / "search" / f"t{k}.js").read_bytes())[1]["e"]:
             entries[e[0]] = (e[1], np.frombuffer(e[2], "<u4").tolist(), list(e[3]))
     # recompute: features whose top examples peak on a token
-    wb = cache.manifest.settings.window_before
     expect: dict[str, dict[int, int]] = {}
     for f in range(cache.manifest.n_features):
         for e in range(cache.examples.top_seq.shape[1]):
@@ -399,7 +398,6 @@ def test_token_search_index(tiny_site):
         strings, ids, counts = entries[key]
         assert dict(zip(ids, counts)) == feats
         assert all(token_key(s) == key for s in strings)
-    del wb
 
 
 def test_label_search_index(tiny_site):

@@ -134,9 +134,9 @@ def overview_classes(facts: list[FeatureFacts], n_sources: int) -> list[dict]:
     and dead features)."""
     out = []
     if n_sources == 2:
-        for key, name, href in (("a", "model-A-only", f"../index.html#cls=a"),
-                                ("shared", "shared", f"../index.html#cls=shared"),
-                                ("b", "model-B-only", f"../index.html#cls=b")):
+        for key, name, href in (("a", "model-A-only", "../index.html#cls=a"),
+                                ("shared", "shared", "../index.html#cls=shared"),
+                                ("b", "model-B-only", "../index.html#cls=b")):
             count = sum(1 for f in facts if f.alive and rel_class(f.rel_norm) == key)
             out.append({"name": name, "href": href, "count": count})
     out.append({"name": "dead", "href": "../index.html#alive=dead", "count": sum(1 for f in facts if not f.alive)})

@@ -129,7 +129,7 @@ class TokenIndexBuilder:
             score = np.bincount(inv, weights=w)
             count = np.bincount(inv)
             order = np.lexsort((uniq[:, 1], -score, uniq[:, 0]))
-            uk, uf, us, uc = uniq[order, 0], uniq[order, 1], score[order], count[order]
+            uk, uf, uc = uniq[order, 0], uniq[order, 1], count[order]
             starts = np.flatnonzero(np.r_[True, uk[1:] != uk[:-1]])
             ends = np.r_[starts[1:], len(uk)]
             tbase = int(tok.max()) + 1
