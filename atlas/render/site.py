@@ -113,15 +113,21 @@ class _PageWriters:
     """Feature pages written by worker processes (fork) while the caller does other work, or in this
     process when ``workers`` is 1. The pages do not depend on how they were split."""
 
-    def __init__(self, job: _Job, n_features: int, workers: int, bar):
+    def __init__(self, job: _Job, n_features: int, workers: int):
         global _JOB
         self.ranges = [(a, min(n_features, a + PAGES_PER_TASK)) for a in range(0, n_features, PAGES_PER_TASK)]
-        self.bar = bar
+        self.bar = None
         self.pool = None
         self.pending = []
         _JOB = job
         if workers > 1 and len(self.ranges) > 1:
+            # fork before any other thread (the progress bar's monitor) exists in this process
             self.pool = mp.get_context("fork").Pool(workers)
+
+    def start(self, bar) -> None:
+        """Hand the page ranges to the workers (no-op without a pool: :meth:`results` writes them)."""
+        self.bar = bar
+        if self.pool is not None:
             self.pending = [self.pool.apply_async(_render_range, (r,), callback=lambda res: bar.update(res.n_pages))
                             for r in self.ranges]
 
@@ -207,22 +213,22 @@ def render_site(cache_dir: Path, out: Path, *, title: str | None = None, labels:
         gather = WindowTokens(cache, vocab)
         job = _Job(cache=cache, vocab=vocab, gather=gather, site=site, labels=label_map, folder=staged.dir,
                    page_ids=page_ids, template=env.get_template("feature.html"), chrome=feature_chrome(env, site))
-        bar = tqdm(total=F, unit="feature", desc="render", disable=(not progress) if progress is not None else None,
-                   file=sys.stderr, mininterval=0.5)
-        writers = _PageWriters(job, F, workers, bar)  # pages are written while the site-wide files are built
+        writers = _PageWriters(job, F, workers)
         try:
-            facts_all: list[FeatureFacts] = []
-            tokens = TokenIndexBuilder(vocab.strings)
-            for a in range(0, F, FACTS_BLOCK):
-                block = feature_facts(cache, gather, a, min(F, a + FACTS_BLOCK))
-                facts_all.extend(block.facts)
-                tokens.add_many(block.centre_feat, block.centre_tok, block.centre_w)
-            _write_site_files(staged, env, cache, site, vocab, facts_all, tokens, label_map, site_url)
-            for r in writers.results():
-                staged.count(r.n_pages, r.total_bytes, r.largest)
+            with tqdm(total=F, unit="feature", desc="render", file=sys.stderr, mininterval=0.5,
+                      disable=(not progress) if progress is not None else None) as bar:
+                writers.start(bar)  # pages are written while the site-wide files are built
+                facts_all: list[FeatureFacts] = []
+                tokens = TokenIndexBuilder(vocab.strings)
+                for a in range(0, F, FACTS_BLOCK):
+                    block = feature_facts(cache, gather, a, min(F, a + FACTS_BLOCK))
+                    facts_all.extend(block.facts)
+                    tokens.add_many(block.centre_feat, block.centre_tok, block.centre_w)
+                _write_site_files(staged, env, cache, site, vocab, facts_all, tokens, label_map, site_url)
+                for r in writers.results():
+                    staged.count(r.n_pages, r.total_bytes, r.largest)
         finally:
             writers.close()
-            bar.close()
         staged.write(MARKER, make_marker(first, F, site.has_diff, site.title).to_bytes())
         staged.commit()
     except BaseException:
