@@ -149,7 +149,7 @@ def damaged_copy(damage, folder: Path) -> None:
         (folder / name).write_bytes(data)
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(damage=DAMAGE)
 def test_read_cache_gives_a_cache_or_a_value_error(damage):
@@ -171,7 +171,8 @@ def _restore_sigterm():
     signal.signal(signal.SIGTERM, old)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # damaged values > float16 max
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(damage=DAMAGE)
 def test_render_reports_a_damaged_cache_as_one_line(damage, capsys, _restore_sigterm):
