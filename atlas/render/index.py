@@ -16,7 +16,7 @@ from .features import FeatureFacts
 from .labels import Label
 from .text import chip
 
-ROWS_PER_CHUNK = 8192
+ROWS_PER_CHUNK = 8192  # 3 × 8192 token strings fit the uint16 indices of ``tt``
 
 
 @dataclass
@@ -29,7 +29,7 @@ class IndexChunk:
     - ``d``, ``m``: bin float32 LE density and max activation
     - ``r``, ``c``: bin float32 LE relative decoder norm and decoder cosine (NaN unless S = 2)
     - ``p``: bin uint16 LE peak source (argmax of the decoder norm)
-    - ``ts``: token chip strings used by this chunk; ``tt``: bin uint32 LE ``n × 3``: top tokens as
+    - ``ts``: token chip strings used by this chunk; ``tt``: bin uint16 LE ``n × 3``: top tokens as
       indices into ``ts`` plus one (0 = none)
     - ``lb``: list of ``n`` labels (``""`` for none), or ``null`` when the site has no labels
     """
@@ -40,7 +40,7 @@ class IndexChunk:
     def to_obj(self, strings: list[str], labels: dict[int, Label] | None) -> dict:
         rows = self.rows
         table: dict[str, int] = {}
-        tt = np.zeros((len(rows), 3), dtype=np.uint32)
+        tt = np.zeros((len(rows), 3), dtype=np.uint16)  # at most 3 × ROWS_PER_CHUNK strings
         for r, f in enumerate(rows):
             for c, t in enumerate(f.top_tokens[:3]):
                 s = chip(strings[t])
@@ -55,7 +55,7 @@ class IndexChunk:
             "c": pack([f.dec_cos for f in rows], "f4"),
             "p": pack([f.peak for f in rows], "u2"),
             "ts": list(table),
-            "tt": pack(tt.ravel(), "u4"),
+            "tt": pack(tt.ravel(), "u2"),
             "lb": None if labels is None else [labels[f.id].label if f.id in labels else "" for f in rows],
         }
 

@@ -101,7 +101,7 @@
       };
       var r = 0;
       chunks.forEach(function (ch) {
-        var d = A.f32(ch.d), m = A.f32(ch.m), rel = A.f32(ch.r), cos = A.f32(ch.c), pk = A.u16(ch.p), tt = A.u32(ch.tt);
+        var d = A.f32(ch.d), m = A.f32(ch.m), rel = A.f32(ch.r), cos = A.f32(ch.c), pk = A.u16(ch.p), tt = A.u16(ch.tt);
         for (var i = 0; i < ch.n; i++, r++) {
           c.id[r] = ch.start + i;
           c.density[r] = d[i]; c.max[r] = m[i]; c.rel[r] = rel[i]; c.cos[r] = cos[i]; c.peak[r] = pk[i];
