@@ -506,6 +506,40 @@ def test_render_failing_while_swapping_folders_restores_the_previous_site(capsys
     assert out.intact()
 
 
+def test_render_killed_midway_keeps_the_previous_site_and_the_next_render_cleans_up(tmp_path, capsys):
+    """kill -9 in the middle of `atlas render`: the old site is untouched; the next render completes and
+    removes the dead render's staging folder."""
+    from synthetic_cache import write_synthetic_cache
+
+    cache = write_synthetic_cache(tmp_path / "cache", n_features=800, n_sources=2, vocab_size=1000,
+                                  n_sequences=32, seq_len=48, seed=2)
+    site = tmp_path / "www" / "site"
+    site.mkdir(parents=True)
+    (site / "atlas-site.json").write_text('{"first_id": 0, "n_features": 0}', "utf-8")
+    (site / "index.html").write_text("<p>the published atlas</p>", "utf-8")
+    before = files(tmp_path / "www")
+
+    pid = _fork_atlas(["render", str(cache), "-o", str(site), "--title", "New"], tmp_path / "render.log")
+    try:
+        deadline = time.monotonic() + 60
+        staged = []
+        while time.monotonic() < deadline:
+            staged = [p for p in site.parent.glob(".site.rendering-*") if (p / "f").is_dir()]
+            if staged and len(os.listdir(staged[0] / "f")) >= 50:
+                break
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        code = _exit_code(pid)
+    assert code == -signal.SIGKILL, (tmp_path / "render.log").read_text()
+    assert staged and staged[0].is_dir(), "the render was not killed while it wrote pages"
+    assert files(site) == {k[len("site/"):]: v for k, v in before.items() if k.startswith("site/")}
+
+    assert main(["render", str(cache), "-o", str(site), "--title", "New"]) == 0
+    assert "New" in (site / "index.html").read_text("utf-8")
+    assert sorted(p.name for p in site.parent.iterdir()) == ["site"]  # the dead render's folder is gone
+
+
 # --------------------------------------------------------------------------- interrupted analysis
 
 

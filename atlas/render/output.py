@@ -2,12 +2,17 @@
 
 An existing site at the output path stays intact until the new one is complete. A non-empty folder that
 is not an atlas site (it lacks the marker file ``atlas-site.json``) is never replaced.
+
+The staging folder is ``.<name>.rendering-<host>-<pid>-<random>`` beside the output. A render killed
+outright (``kill -9``, out of memory) cannot remove it; the next render of the same output removes the
+staging folders whose process is gone (same host, pid no longer running).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -28,6 +33,34 @@ def check_output(out: Path) -> None:
             )
 
 
+def _host() -> str:
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_staging(parent: Path, name: str, host: str) -> list[Path]:
+    """Remove the staging folders of renders of ``name`` on this host whose process has ended."""
+    prefix = f".{name}.rendering-{host}-"
+    removed = []
+    for entry in Path(parent).iterdir() if Path(parent).is_dir() else ():
+        if not entry.name.startswith(prefix) or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 class StagedSite:
     """A staging folder that collects a site's files and counts them; :meth:`commit` moves it into place."""
 
@@ -36,7 +69,9 @@ class StagedSite:
         check_output(self.out)
         parent = self.out.absolute().parent
         parent.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.rendering-", dir=parent))
+        host = _host()
+        remove_stale_staging(parent, self.out.name, host)
+        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.rendering-{host}-{os.getpid()}-", dir=parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.dir, 0o777 & ~umask)
