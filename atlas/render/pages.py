@@ -144,3 +144,50 @@ def feature_page(site: SiteInfo, f: FeatureFacts, strings: list[str], label: Lab
         payload=Markup(payload),  # base64: nothing to escape
         chrome=chrome,
     )
+
+
+@dataclass
+class IndexPage:
+    """Context of ``site_templates/index.html`` (the page ``index.html``): the static frame of the
+    feature table. ``assets/index.js`` fills the table from ``data/index/<k>.js`` and reads its state
+    (sort, filters, bins, query) from the URL hash."""
+
+    site: SiteInfo
+    description: str
+    n_sources: int
+    has_labels: bool
+    rel_a: float  # model-A-only below this relative norm
+    rel_b: float  # model-B-only above
+    root: str = ""
+    page_scripts: tuple[str, ...] = ("index.js",)
+
+    def variables(self) -> dict:
+        return self.__dict__
+
+
+@dataclass
+class OverviewPage:
+    """Context of ``site_templates/diff.html`` (the page ``diff/index.html``, sites with two or more
+    sources): static SVG histograms whose bars link to the index filtered to their bin; no page script
+    of its own."""
+
+    site: SiteInfo
+    charts: list  # overview.Chart
+    classes: list[dict]  # {name, href, count}
+    root: str = "../"
+    page_scripts: tuple[str, ...] = ()
+
+    def variables(self) -> dict:
+        return self.__dict__
+
+
+@dataclass
+class NotFoundPage:
+    """Context of ``site_templates/404.html`` (``404.html``): self-contained (inline style and script),
+    since static hosts serve it at any missing path; its inline script points the home link at the
+    site root found in the URL."""
+
+    site: SiteInfo
+
+    def variables(self) -> dict:
+        return self.__dict__

@@ -1,17 +1,25 @@
 """``render_site``: the analysis cache → a complete static site, written atomically.
 
-Site layout (each file's schema is documented where it is written)::
+Site layout; each file's schema is the dataclass named here, documented where it is defined (path in
+the site, and which script reads it)::
 
-    index.html            the feature table (site_templates/index.html, assets/index.js)
-    f/<id>/index.html     one page per feature, payload embedded (features.FeaturePayload)
-    diff/index.html       model-diff overview, two or more sources (overview.Chart)
-    404.html  sitemap.xml  features.csv  .nojekyll  atlas-site.json (sitefiles)
-    assets/               shared CSS/JS and vendored msgpack (assets)
-    data/meta.js          site constants (sitefiles.SiteMeta)
-    data/vocab/<k>.js     token strings (vocab.VocabShard)
-    data/index/<k>.js     index table rows (index.IndexChunk)
-    data/search/t<k>.js   token search (search.TokenShard)
-    data/search/l<k>.js   label search (search.LabelShard)
+    index.html            pages.IndexPage          feature table, filled by assets/index.js
+    f/<id>/index.html     pages.FeaturePage        one per feature; embeds features.FeaturePayload,
+                                                   drawn by assets/feature.js
+    diff/index.html       pages.OverviewPage       model-diff overview, two or more sources (overview.Chart)
+    404.html              pages.NotFoundPage
+    atlas-site.json       sitefiles.SiteMarker     marks the folder as an atlas site (verify, replace)
+    features.csv  sitemap.xml  .nojekyll           sitefiles.features_csv / sitemap_files
+    assets/               assets (module docstring) shared CSS/JS and vendored msgpack
+    data/meta.js          sitefiles.SiteMeta       site constants (assets/atlas.js)
+    data/vocab/<k>.js     vocab.VocabShard         token strings (assets/atlas.js)
+    data/vocab/ids<k>.js  vocab.TokenIdShard       tokenizer ids, on hover (assets/atlas.js)
+    data/index/<k>.js     index.IndexChunk         index table rows (assets/index.js)
+    data/search/t<k>.js   search.TokenShard       token search (assets/atlas.js)
+    data/search/l<k>.js   search.LabelShard       label search (assets/atlas.js)
+
+Feature pages are written by worker processes (fork, Linux) while this process builds the site-wide
+files; the output does not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from .labels import Label, load_labels
 from .load import load_cache
 from .output import StagedSite
 from .overview import REL_A_ONLY, REL_B_ONLY, overview_charts, overview_classes
-from .pages import SiteInfo, feature_chrome, feature_page, make_environment
+from .pages import IndexPage, NotFoundPage, OverviewPage, SiteInfo, feature_chrome, feature_page, make_environment
 from .search import TokenIndexBuilder, label_shard_files, token_shard_files
 from .sitefiles import MARKER, SiteMeta, features_csv, make_marker, sitemap_files
 from .vocab import build_site_vocab
@@ -273,14 +281,12 @@ def _write_site_files(staged: StagedSite, env, cache, site: SiteInfo, vocab, fac
     staged.write("data/meta.js", meta.to_bytes())
 
     description = f"{site.title}: an atlas of {F:,} features of {', '.join(names)}."
-    staged.write("index.html", env.get_template("index.html").render(
-        root="", site=site, description=description, n_sources=S, has_labels=has_labels,
-        rel_a=REL_A_ONLY, rel_b=REL_B_ONLY, page_scripts=["index.js"]).encode("utf-8"))
+    index_page = IndexPage(site, description, S, has_labels, REL_A_ONLY, REL_B_ONLY)
+    staged.write("index.html", env.get_template("index.html").render(index_page.variables()).encode("utf-8"))
     if site.has_diff:
-        staged.write("diff/index.html", env.get_template("diff.html").render(
-            root="../", site=site, charts=overview_charts(facts_all, names),
-            classes=overview_classes(facts_all, S), page_scripts=[]).encode("utf-8"))
-    staged.write("404.html", env.get_template("404.html").render(site=site).encode("utf-8"))
+        overview = OverviewPage(site, overview_charts(facts_all, names), overview_classes(facts_all, S))
+        staged.write("diff/index.html", env.get_template("diff.html").render(overview.variables()).encode("utf-8"))
+    staged.write("404.html", env.get_template("404.html").render(NotFoundPage(site).variables()).encode("utf-8"))
     staged.write("features.csv", features_csv(facts_all, vocab.strings, label_map, S))
     paths = ["index.html"] + (["diff/"] if site.has_diff else []) + [f"f/{i}/" for i in page_ids]
     staged.write_all(sitemap_files(paths, site_url))
