@@ -307,6 +307,9 @@ def write_cache(folder: Path, cache: Cache) -> None:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for name in ("manifest.json",) + FILES:  # temporary files of a writer that was killed
+        for stale in folder.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     atomic_write_json(folder / "vocab.json", list(cache.vocab))
     buf = io.BytesIO()
     np.save(buf, np.asarray(cache.tokens, dtype=np.int32))

@@ -540,6 +540,17 @@ def test_render_killed_midway_keeps_the_previous_site_and_the_next_render_cleans
     assert sorted(p.name for p in site.parent.iterdir()) == ["site"]  # the dead render's folder is gone
 
 
+def test_temporary_files_of_a_killed_analysis_are_removed(capsys, out, tiny_world):
+    """What kill -9 can leave while the cache is written (a temporary file beside each cache file) is
+    removed when the next analysis writes the cache."""
+    left = [out.cache / f".{name}.x1y2z3.tmp" for name in ("examples.npz", "manifest.json", "vocab.json")]
+    for path in left:
+        path.write_bytes(b"half of a file")
+    assert main([str(a) for a in build_argv(tiny_world, tiny_world.sae_ckpt, out.site, "--seed", "2")]) == 0
+    assert not [p.name for p in out.cache.iterdir() if p.name.startswith(".")]
+    read_cache(out.cache)
+
+
 # --------------------------------------------------------------------------- interrupted analysis
 
 
