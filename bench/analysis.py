@@ -4,9 +4,14 @@ In one process: time the forward passes alone (``ModelSet.extract``, stopping at
 over a corpus, then the full analysis (``atlas.analyze.run_analysis``: extract, encode, fold summaries,
 weight statistics, write the cache) over the same corpus; print both throughputs and their ratio, the
 peak memory of each, and the analysis's peak memory at 1× and 4× the tokens (it must not grow with
-the number of tokens). Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the resident set
+the number of tokens). The same at 4× the tokens gives the marginal ratio: the extra analysis time of
+the extra tokens over their extra forward time, i.e. the per-token cost without the fixed costs
+(weight statistics, cache writing, warm-up of the bounded summaries). Times are wall-clock and, beside
+them, this process's CPU time (``time.process_time``), which other jobs on a shared machine disturb less. Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the resident set
 size sampled every 2 ms above its level at the start of the phase (freed heap is returned to the OS
-with ``malloc_trim`` between phases).
+with ``malloc_trim`` between phases, and blocks of 1 MiB or more are mmapped — glibc's
+``M_MMAP_THRESHOLD`` fixed at 1 MiB — so that the resident size follows live memory rather than the
+allocator's free lists, which otherwise drift upwards over a long run).
 
     python bench/analysis.py                       # tiny random Llama built here, 4096 features
     python bench/analysis.py --model PATH_OR_ID --hook-point blocks.6.hook_resid_post --features 16384
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import math
 import os
 import sys
@@ -25,6 +31,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+try:  # see the module docstring: RSS that follows live memory
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+except (OSError, AttributeError):
+    pass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -128,25 +139,39 @@ def corpus(models, n_tokens: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     return ids
 
 
-def time_forwards(models, tokens, batch_size: int, device) -> float:
-    t0 = time.perf_counter()
-    for lo in range(0, len(tokens), batch_size):
-        x = models.extract(tokens[lo:lo + batch_size])
-        del x
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+class Timer:
+    """Wall-clock and process CPU seconds of a ``with`` block (CUDA synchronised at both ends)."""
 
+    def __init__(self, device: torch.device):
+        self.device = device
 
-def time_analysis(cc, models, tokens, options, device, dtype) -> tuple[float, int]:
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        run_analysis(cc, models, tokens, options, Path(tmp), device, dtype)
-        if device.type == "cuda":
+    def __enter__(self):
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.wall, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+        return False
+
+
+def time_forwards(models, tokens, batch_size: int, device) -> Timer:
+    with Timer(device) as t:
+        for lo in range(0, len(tokens), batch_size):
+            x = models.extract(tokens[lo:lo + batch_size])
+            del x
+    return t
+
+
+def time_analysis(cc, models, tokens, options, device, dtype) -> tuple[Timer, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        with Timer(device) as t:
+            run_analysis(cc, models, tokens, options, Path(tmp), device, dtype)
         size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
-    return elapsed, size
+    return t, size
 
 
 def main(argv=None) -> None:
@@ -161,6 +186,9 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--no-neuron-correlations", action="store_true", help="skip correlated neurons")
+    p.add_argument("--corr-candidates", type=int, default=None, help="feature-correlation candidates (0: none)")
+    p.add_argument("--next-token-effects", default=None, choices=["top", "all", "none"])
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -173,6 +201,11 @@ def main(argv=None) -> None:
         cc = random_crosscoder(models, sources, args.features, tokens)
         options = AnalysisOptions(n_features=0, batch_size=args.batch_size, progress=False, reuse=False,
                                   save_every=10**9)
+        extra = {"neuron_correlations": not args.no_neuron_correlations,
+                 "corr_candidates": args.corr_candidates, "n_corr_features": 0 if args.corr_candidates == 0 else None,
+                 "next_token_effects": args.next_token_effects}
+        known = {f.name for f in dataclasses.fields(AnalysisOptions)}
+        options = dataclasses.replace(options, **{k: v for k, v in extra.items() if v is not None and k in known})
         n_tok = tokens.numel()
         # warm-up (first-call costs: kernels, allocator)
         time_forwards(models, tokens[: args.batch_size], args.batch_size, device)
@@ -183,6 +216,7 @@ def main(argv=None) -> None:
         with PeakMemory(device) as m_1x:
             t_all, size = time_analysis(cc, models, tokens, options, device, dtype)
         tokens4 = corpus(models, 4 * args.tokens, args.seq_len, seed=1)
+        t_fwd4 = time_forwards(models, tokens4, args.batch_size, device)
         with PeakMemory(device) as m_4x:
             t_4x, _ = time_analysis(cc, models, tokens4, options, device, dtype)
 
@@ -191,13 +225,20 @@ def main(argv=None) -> None:
     mb = 2**20
     print(f"model {name} at {args.hook_point} ×{args.sources}, {args.features} features, {where}, "
           f"{str(dtype).replace('torch.', '')}, batch {args.batch_size}×{args.seq_len}")
-    print(f"forward only      {n_tok:>9,} tokens  {t_fwd:7.2f} s  {n_tok / t_fwd:>10,.0f} tok/s  "
-          f"peak +{m_fwd.extra / mb:7.1f} MiB")
-    print(f"full analysis     {n_tok:>9,} tokens  {t_all:7.2f} s  {n_tok / t_all:>10,.0f} tok/s  "
-          f"peak +{m_1x.extra / mb:7.1f} MiB  (cache {size / mb:.1f} MiB)")
-    print(f"full analysis 4×  {tokens4.numel():>9,} tokens  {t_4x:7.2f} s  {tokens4.numel() / t_4x:>10,.0f} tok/s  "
-          f"peak +{m_4x.extra / mb:7.1f} MiB")
-    print(f"analysis / forward time: {t_all / t_fwd:.2f}×;  peak memory 4× / 1× tokens: "
+    n4 = tokens4.numel()
+
+    def row(what, n, t, extra=""):
+        print(f"{what:<18}{n:>9,} tokens  {t.wall:7.2f} s ({t.cpu:7.2f} s cpu)  {n / t.wall:>10,.0f} tok/s{extra}")
+
+    row("forward only", n_tok, t_fwd, f"  peak +{m_fwd.extra / mb:7.1f} MiB")
+    row("full analysis", n_tok, t_all, f"  peak +{m_1x.extra / mb:7.1f} MiB  (cache {size / mb:.1f} MiB)")
+    row("forward only 4×", n4, t_fwd4)
+    row("full analysis 4×", n4, t_4x, f"  peak +{m_4x.extra / mb:7.1f} MiB")
+    marginal = (t_4x.wall - t_all.wall) / max(t_fwd4.wall - t_fwd.wall, 1e-9)
+    marginal_cpu = (t_4x.cpu - t_all.cpu) / max(t_fwd4.cpu - t_fwd.cpu, 1e-9)
+    print(f"analysis / forward time: {t_all.wall / t_fwd.wall:.2f}× ({t_all.cpu / t_fwd.cpu:.2f}× cpu) at 1×, "
+          f"{t_4x.wall / t_fwd4.wall:.2f}× ({t_4x.cpu / t_fwd4.cpu:.2f}× cpu) at 4×; marginal (per extra token) "
+          f"{marginal:.2f}× ({marginal_cpu:.2f}× cpu);  peak memory 4× / 1× tokens: "
           f"{m_4x.extra / max(m_1x.extra, 1):.2f}")
 
 
