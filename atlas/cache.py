@@ -199,8 +199,10 @@ class FeatureStats:
       ``ncorr_val[F, M]`` (float32, the signed correlation; NaN = none, e.g. a dead feature)
     - correlated features, among each feature's ``Settings.n_corr_candidates`` nearest decoder-cosine
       neighbours, the ``Settings.n_corr_features`` = C with the highest Pearson correlation of
-      activations over all counted tokens, highest first: ``fcorr_ids[F, C]`` (int32, -1 = none)
-      and ``fcorr_val[F, C]`` (float32, NaN = none)
+      activations over all counted tokens, highest first: ``fcorr_ids[F, C]`` (int32 feature ids,
+      -1 = none) and ``fcorr_val[F, C]`` (float32, NaN = none). The candidates are searched among the
+      analysed features only (their activations are the ones at hand): for a ``--features A:B``
+      slice, among A..B-1
     """
 
     density: np.ndarray
