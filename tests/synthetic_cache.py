@@ -15,9 +15,17 @@ analysis writes, for any number of features and sources, without torch or a mode
   with sparse activation windows whose centre is the example's activation;
 - decoder norms: for S = 2 a trimodal relative norm (model-A-only, shared, model-B-only) and cosines
   near 1 for shared features; for S > 2 a peak layer per feature;
-- nearest neighbours by (synthetic) decoder cosine and logit effects per source.
+- nearest neighbours by (synthetic) decoder cosine and logit effects per source;
+- with ``optional_stats=True`` (the default) the optional fields a current analysis writes: the
+  model-diff class (S = 2), neuron alignment (largest decoder entries with their L1 shares), correlated
+  neurons and correlated features (among the neighbours), and the next-token logit contribution of every
+  window token (``top_next_logit``, and ``iv_next_logit`` when ``next_token_effects == "all"``), equal
+  to the window activation times a fixed pseudo-random effect of (feature, source, next token) and 0
+  where the activation is 0 or no next token exists. ``optional_stats=False`` gives a cache as an
+  older atlas wrote it.
 
-The same arguments always give the same arrays (one ``numpy.random.Generator`` seeded from ``seed``).
+The same arguments always give the same arrays (``numpy.random.Generator`` seeded from ``seed``; the
+optional fields draw from a second generator, so the other arrays do not depend on ``optional_stats``).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ _PUNCT = (".", ",", ";", ":", "!", "?", "(", ")", "-", "'", '"', "/", "[", "]", 
           "$", "#", "@", "&", "<", ">")
 
 N_LOGIT_BINS = 32
+D_MODEL = 64
 
 
 def make_vocab(vocab_size: int, rng: np.random.Generator, hostile_text: bool = False) -> list[str]:
@@ -120,16 +129,21 @@ def make_synthetic_cache(
     hostile_text: bool = False,
     title: str = "Synthetic crosscoder",
     dead_fraction: float = 0.05,
+    optional_stats: bool = True,
+    next_token_effects: str | None = None,
 ) -> Cache:
     """Build a complete synthetic :class:`~atlas.cache.Cache` (see the module docstring).
 
     Feature 0 (if ``n_features`` > 1) is always alive with a full set of top examples and, with
     ``hostile_text``, its top example contains the HTML/JS payload tokens (nowhere else in the corpus); feature 1 (if
-    ``n_features`` > 2 and ``dead_fraction`` > 0) is always dead.
+    ``n_features`` > 2 and ``dead_fraction`` > 0) is always dead. ``next_token_effects`` overrides
+    ``settings.next_token_effects`` ("top", "all" or "none").
     """
     rng = np.random.default_rng(seed)
     st = settings or Settings(seq_len=seq_len, n_sequences=n_sequences)
     st.seq_len, st.n_sequences = seq_len, n_sequences
+    if next_token_effects is not None:
+        st.next_token_effects = next_token_effects
     F, S, K = n_features, n_sources, st.top_k
     G, k = 2 * st.n_intervals, st.interval_k
     wb, wa = st.window_before, st.window_after
@@ -251,8 +265,21 @@ def make_synthetic_cache(
     scale = rng.uniform(0.5, 1.0, (F, S, 1)) * vocab_size / bell.sum()
     lg_hist = np.maximum(np.round(bell[None, None, :] * scale), 0).astype(np.int64)
 
+    features = FeatureStats(
+        density=density.astype(np.float32), max_act=max_act, mean_act=mean_act, n_active=n_active,
+        hist_counts=hist, dec_norm=dec_norm, rel_norm=rel_norm, dec_cos=dec_cos,
+        neighbours=neighbours, neighbour_cos=neighbour_cos,
+    )
+    examples = Examples(
+        top_seq=top_seq, top_pos=top_pos, top_act=top_act, top_window=top_window,
+        iv_seq=iv_seq, iv_pos=iv_pos, iv_act=iv_act, iv_window=iv_window, iv_width=iv_width,
+    )
+    if optional_stats:
+        _add_optional_stats(np.random.default_rng([seed, 1]), st, features, examples, tokens, dead, D_MODEL,
+                            feature_offset)
+
     sources = [SourceInfo(model=f"synthetic/model-{'AB'[s] if S == 2 else s}", site=(
-        "blocks.6.hook_resid_post" if S <= 2 else f"blocks.{s}.hook_resid_post"), d_model=64) for s in range(S)]
+        "blocks.6.hook_resid_post" if S <= 2 else f"blocks.{s}.hook_resid_post"), d_model=D_MODEL) for s in range(S)]
     manifest = Manifest(
         sources=sources,
         n_features=F,
@@ -270,20 +297,99 @@ def make_synthetic_cache(
         manifest=manifest,
         vocab=vocab,
         tokens=tokens,
-        features=FeatureStats(
-            density=density.astype(np.float32), max_act=max_act, mean_act=mean_act, n_active=n_active,
-            hist_counts=hist, dec_norm=dec_norm, rel_norm=rel_norm, dec_cos=dec_cos,
-            neighbours=neighbours, neighbour_cos=neighbour_cos,
-        ),
-        examples=Examples(
-            top_seq=top_seq, top_pos=top_pos, top_act=top_act, top_window=top_window,
-            iv_seq=iv_seq, iv_pos=iv_pos, iv_act=iv_act, iv_window=iv_window, iv_width=iv_width,
-        ),
+        features=features,
+        examples=examples,
         logits=LogitEffects(
             top_ids=top_ids, top_vals=top_vals, bot_ids=bot_ids, bot_vals=bot_vals,
             hist_counts=lg_hist, hist_lo=hist_lo, hist_hi=hist_hi,
         ),
     )
+
+
+def _next_logits(seq, pos, window, tokens, f_ids, dec_norm, wb: int, block: int = 4096) -> np.ndarray:
+    """``[..., W, S]`` float16: window activation × a fixed pseudo-random effect of (feature, source, next
+    token), 0 for empty slots and where the window position or its successor is outside the sequence."""
+    N, T = tokens.shape
+    S = dec_norm.shape[1]
+    W = window.shape[-1]
+    out = np.zeros(window.shape + (S,), dtype=np.float16)
+    offsets = np.arange(-wb, W - wb)
+    for a in range(0, window.shape[0], block):
+        b = min(window.shape[0], a + block)
+        q, p = seq[a:b], pos[a:b]
+        t = p[..., None] + offsets
+        ok = (q[..., None] >= 0) & (t >= 0) & (t + 1 < T)
+        nxt = tokens[np.clip(q, 0, N - 1)[..., None], np.clip(t + 1, 0, T - 1)].astype(np.int64)
+        f = f_ids[a:b].reshape((-1,) + (1,) * (nxt.ndim - 1)).astype(np.int64)
+        act = window[a:b].astype(np.float32)
+        for s in range(S):
+            h = (f * 2654435761 + nxt * 40503 + s * 977 + 12345) % 10007 / 10007.0  # uniform in [0, 1)
+            effect = (2 * h - 1) ** 3 * 1.5 * dec_norm[a:b, s].reshape(f.shape)
+            out[a:b, ..., s] = np.where(ok, act * effect, 0).astype(np.float16)
+    return out
+
+
+def _add_optional_stats(rng, st: Settings, fs: FeatureStats, ex: Examples, tokens: np.ndarray, dead: np.ndarray,
+                        d_model: int, feature_offset: int) -> None:
+    """Fill the optional fields of ``fs`` and ``ex`` (see the module docstring) in place."""
+    F, S = fs.dec_norm.shape
+    rel = fs.rel_norm
+    # model-diff class from the relative norm, as atlas.stats.geometry.diff_classes
+    dc = np.full(F, -1, np.int8)
+    if S == 2:
+        r = rel.astype(np.float32)
+        dc[r < st.diff_shared_lo] = 0
+        dc[(r >= st.diff_shared_lo) & (r <= st.diff_shared_hi)] = 1
+        dc[r > st.diff_shared_hi] = 2
+    fs.diff_class = dc
+    # neuron alignment: A largest entries, sources weighted by the decoder norms, distinct dimensions
+    A = st.n_align
+    p_src = fs.dec_norm / np.maximum(fs.dec_norm.sum(axis=1, keepdims=True), 1e-30)
+    u = rng.random((F, A))
+    src = (u[..., None] > np.cumsum(p_src, axis=1)[:, None, :]).sum(axis=2).clip(0, S - 1).astype(np.int32)
+    dim = np.argsort(rng.random((F, d_model)), axis=1)[:, :A].astype(np.int32)
+    mag = np.sort(rng.uniform(0.02, 0.6, (F, A)), axis=1)[:, ::-1] * fs.dec_norm.max(axis=1, keepdims=True)
+    sign = np.where(rng.random((F, A)) < 0.3, -1.0, 1.0)
+    share = rng.uniform(0.08, 0.6, F)  # the A entries' share of the decoder's L1 norm
+    l1 = mag.sum(axis=1) / share
+    fs.align_source, fs.align_dim = src, dim
+    fs.align_val = (sign * mag).astype(np.float32)
+    fs.align_l1_frac = (mag / l1[:, None]).astype(np.float32)
+    # correlated neurons: strongest |r| first; none for dead features
+    M = st.n_corr_neurons
+    ncs = rng.integers(0, S, (F, M)).astype(np.int32)
+    ncd = rng.integers(0, d_model, (F, M)).astype(np.int32)
+    ncv = (np.sort(rng.uniform(0.03, 0.8, (F, M)), axis=1)[:, ::-1]
+           * np.where(rng.random((F, M)) < 0.35, -1.0, 1.0)).astype(np.float32)
+    ncs[dead], ncd[dead], ncv[dead] = -1, -1, np.nan
+    fs.ncorr_source, fs.ncorr_dim, fs.ncorr_val = ncs, ncd, ncv
+    # correlated features: a subset of the neighbours (the candidates), highest correlation first
+    C = st.n_corr_features
+    nb = fs.neighbours
+    ids = np.full((F, C), -1, np.int32)
+    val = np.full((F, C), np.nan, np.float32)
+    n_nb = nb.shape[1]
+    if n_nb:
+        order = np.argsort(rng.random((F, n_nb)), axis=1)
+        m = min(C, n_nb)
+        keep = rng.integers(max(m - 3, 0), m + 1, F)
+        ok = (np.arange(m)[None, :] < keep[:, None]) & ~dead[:, None]
+        cand = np.take_along_axis(nb, order[:, :m], axis=1)
+        ok &= ~dead[np.clip(cand - feature_offset, 0, F - 1)]  # a dead candidate has no correlation
+        v = np.sort(rng.uniform(-0.15, 0.9, (F, m)), axis=1)[:, ::-1]
+        # the kept candidates first, highest correlation first
+        rank = np.argsort(~ok, axis=1, kind="stable")
+        ok_sorted = np.take_along_axis(ok, rank, axis=1)
+        ids[:, :m] = np.where(ok_sorted, np.take_along_axis(cand, rank, axis=1), -1)
+        val[:, :m] = np.where(ok_sorted, v, np.nan)
+    fs.fcorr_ids, fs.fcorr_val = ids, val
+    # next-token logit contributions of every window token
+    if st.next_token_effects in ("top", "all"):
+        f_ids = np.arange(F) + feature_offset
+        wb = st.window_before
+        ex.top_next_logit = _next_logits(ex.top_seq, ex.top_pos, ex.top_window, tokens, f_ids, fs.dec_norm, wb)
+        if st.next_token_effects == "all":
+            ex.iv_next_logit = _next_logits(ex.iv_seq, ex.iv_pos, ex.iv_window, tokens, f_ids, fs.dec_norm, wb)
 
 
 def write_synthetic_cache(folder: Path, **kwargs) -> Path:

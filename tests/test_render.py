@@ -31,7 +31,7 @@ GOLDEN_TEXT = ("index.html", "f/0/index.html", "f/1/index.html", "diff/index.htm
 
 def _tiny_cache(folder: Path) -> Path:
     return write_synthetic_cache(folder, n_features=6, n_sources=2, vocab_size=80, n_sequences=10, seq_len=36,
-                                 seed=3, hostile_text=True)
+                                 seed=3, hostile_text=True, next_token_effects="all")
 
 
 def _files(site: Path) -> dict[str, bytes]:

@@ -16,6 +16,37 @@ from .vocab import SiteVocab
 
 N_TOP_TOKENS = 3
 
+DIFF_NONE, DIFF_A_ONLY, DIFF_SHARED, DIFF_B_ONLY = -1, 0, 1, 2
+DIFF_NAMES = {DIFF_A_ONLY: "model-A-only", DIFF_SHARED: "shared", DIFF_B_ONLY: "model-B-only"}
+
+
+def diff_thresholds(cache: Cache) -> tuple[float, float]:
+    """``(lo, hi)``: the relative norms below which a feature is model-A-only and above which it is
+    model-B-only (the analysis settings ``diff_shared_lo`` / ``diff_shared_hi``; 0.3 / 0.7 by default and
+    for caches written before they existed)."""
+    st = cache.manifest.settings
+    return float(st.diff_shared_lo), float(st.diff_shared_hi)
+
+
+def diff_classes_of(cache: Cache, a: int, b: int) -> np.ndarray:
+    """Model-diff class (int8, ``DIFF_*``) of the features with cache indices ``a..b``: the cache's
+    ``diff_class`` when it has one, else computed from ``rel_norm`` with :func:`diff_thresholds` exactly as
+    the analysis does (float32 comparisons); -1 for every feature unless S = 2. The page badges, the index
+    filter and the overview counts all use this one value."""
+    fs = cache.features
+    n = b - a
+    if len(cache.manifest.sources) != 2:
+        return np.full(n, DIFF_NONE, np.int8)
+    if fs.diff_class is not None:
+        return np.asarray(fs.diff_class[a:b]).astype(np.int8)
+    lo, hi = diff_thresholds(cache)
+    r = np.asarray(fs.rel_norm[a:b], dtype=np.float32)
+    out = np.full(n, DIFF_NONE, np.int8)
+    out[r < np.float32(lo)] = DIFF_A_ONLY
+    out[(r >= np.float32(lo)) & (r <= np.float32(hi))] = DIFF_SHARED
+    out[r > np.float32(hi)] = DIFF_B_ONLY
+    return out
+
 
 @dataclass
 class FeatureFacts:
@@ -33,6 +64,7 @@ class FeatureFacts:
     peak: int  # argmax of dec_norm (the source the decoder writes most to)
     n_top: int  # top examples shown
     top_tokens: list[int] = field(default_factory=list)  # site ids, most frequent max-token first
+    diff_class: int = DIFF_NONE  # DIFF_*: model-diff class (S = 2), see diff_classes_of
 
     @property
     def alive(self) -> bool:
@@ -62,6 +94,24 @@ class FeaturePayload:
     - ``nb``: bin uint32 LE ids of the nearest features by decoder cosine, most similar first;
       ``nc``: bin float16 LE their cosines (a neighbour outside this site is shown without a link)
     - ``vs``: the vocab shards (``data/vocab/<k>.js``) holding every token above
+    - ``dc`` (int): model-diff class, -1 none (S ≠ 2), 0 model-A-only, 1 shared, 2 model-B-only
+      (:func:`diff_classes_of`; the thresholds are ``meta.rel_thresholds``)
+
+    Optional keys, present only when the cache has the statistic (see ``atlas.cache``); entries the
+    cache marks as missing (-1 / NaN) are dropped, so the arrays can be shorter than the settings say:
+
+    - ``xs``, ``xd``, ``xv``: correlated neurons, strongest |r| first: bin uint16 LE source index,
+      bin uint32 LE dimension, bin float16 LE Pearson correlation
+    - ``fi``, ``fv``: correlated features, highest first: bin uint32 LE ids and bin float16 LE Pearson
+      correlations (an id outside this site is shown without a link); ``fl``: their labels when the site
+      has labels (as ``nl`` for ``nb``)
+    - ``as``, ``ad``, ``av``, ``af``: neuron alignment, largest |entry| first: bin uint16 LE source,
+      bin uint32 LE dimension, bin float32 LE signed decoder entry ``W_dec[f, s, i]``, bin float16 LE
+      its share of the decoder's L1 norm
+    - ``tn``: bin float16 LE next-token logit contributions of the top examples' tokens, only at the
+      window positions whose ``ta`` is nonzero (elsewhere the activation, and so the contribution, is
+      0), example by example, position by position, one value per source (``count(ta > 0) × S``);
+      ``in``: the same for the interval examples (against ``ia``)
     """
 
     obj: dict
@@ -196,12 +246,14 @@ def feature_facts(cache: Cache, gather: WindowTokens, a: int, b: int) -> FactsBl
     mean = np.asarray(fs.mean_act[a:b], dtype=np.float32).tolist()
     mxl = mx.tolist()
     n_top = t_valid.sum(axis=1).tolist()
+    dcls = diff_classes_of(cache, a, b).tolist()
     nan = float("nan")
     facts = [
         FeatureFacts(
             id=first_id + a + j, index=a + j, density=dens[j], n_active=int(nact[j]), max_act=mxl[j],
             mean_act=mean[j], rel_norm=rel[j] if two else nan, dec_cos=cos[j] if two else nan,
             dec_norm=dn_list[j], peak=int(peak[j]), n_top=int(n_top[j]), top_tokens=tops[j],
+            diff_class=int(dcls[j]),
         )
         for j in range(n)
     ]
@@ -256,6 +308,7 @@ def iter_features(cache: Cache, vocab: SiteVocab, start: int = 0, stop: int | No
         nb_ok = (nb_ids >= 0) & (nb_ids != (first_id + np.arange(a, b))[:, None]) & np.isfinite(nb_cos)
         nb_ids_b = nb_ids.astype("<u4")
         nb_cos_b = nb_cos.astype("<f2")
+        extra = _optional_block(cache, a, b, t_valid, t_q, i_valid, i_q)
         shards = shards_of_block(n, vocab.n_shards, vocab.shard_bits, [
             (t_tok, t_valid[..., None]), (i_tok, i_valid[..., None]), (l_top, True), (l_bot, True)])
         t_tok = t_tok.astype(id_dtype, copy=False)
@@ -291,5 +344,54 @@ def iter_features(cache: Cache, vocab: SiteVocab, start: int = 0, stop: int | No
                 "nb": nb_ids_b[j][nv].tobytes(),
                 "nc": nb_cos_b[j][nv].tobytes(),
                 "vs": shards[j],
+                "dc": f.diff_class,
             }
+            for key, rows in extra.items():
+                obj[key] = rows[j]
             yield f, FeaturePayload(obj)
+
+
+def _valid_rows(valid: np.ndarray, arrays: list[tuple[np.ndarray, str]]) -> list[list[bytes]]:
+    """Per row of ``valid[n, k]``: each of ``arrays`` (``[n, k]`` with its little-endian dtype) packed
+    over the valid entries."""
+    packed = [np.ascontiguousarray(arr, dtype=dt) for arr, dt in arrays]
+    return [[arr[j][valid[j]].tobytes() for arr in packed] for j in range(valid.shape[0])]
+
+
+def _next_logit_rows(nl, valid: np.ndarray, q: np.ndarray, a: int, b: int) -> list[bytes]:
+    """Per feature: the float16 next-token logit contributions ``nl[f, ..., W, S]`` of its valid examples
+    at the window positions where the quantised activation ``q`` is nonzero (see ``FeaturePayload``)."""
+    vals = np.asarray(nl[a:b], dtype="<f2")
+    keep = (q > 0) & valid[..., None]
+    return [vals[j][keep[j]].tobytes() for j in range(b - a)]
+
+
+def _optional_block(cache: Cache, a: int, b: int, t_valid, t_q, i_valid, i_q) -> dict[str, list]:
+    """The optional payload keys of features ``a..b``: ``{key: [value per feature]}``."""
+    fs, ex = cache.features, cache.examples
+    out: dict[str, list] = {}
+    if fs.ncorr_val is not None and fs.ncorr_source is not None and fs.ncorr_dim is not None:
+        src, dim = np.asarray(fs.ncorr_source[a:b]), np.asarray(fs.ncorr_dim[a:b])
+        val = np.asarray(fs.ncorr_val[a:b], dtype=np.float32)
+        ok = (src >= 0) & (dim >= 0) & np.isfinite(val)
+        rows = _valid_rows(ok, [(src, "<u2"), (dim, "<u4"), (val, "<f2")])
+        out["xs"], out["xd"], out["xv"] = ([r[k] for r in rows] for k in range(3))
+    if fs.fcorr_ids is not None and fs.fcorr_val is not None:
+        ids = np.asarray(fs.fcorr_ids[a:b]).astype(np.int64)
+        val = np.asarray(fs.fcorr_val[a:b], dtype=np.float32)
+        self_ids = cache.manifest.feature_offset + np.arange(a, b)[:, None]
+        ok = (ids >= 0) & (ids != self_ids) & np.isfinite(val)
+        rows = _valid_rows(ok, [(ids, "<u4"), (val, "<f2")])
+        out["fi"], out["fv"] = ([r[k] for r in rows] for k in range(2))
+    if all(x is not None for x in (fs.align_source, fs.align_dim, fs.align_val, fs.align_l1_frac)):
+        src, dim = np.asarray(fs.align_source[a:b]), np.asarray(fs.align_dim[a:b])
+        val = np.asarray(fs.align_val[a:b], dtype=np.float32)
+        frac = np.asarray(fs.align_l1_frac[a:b], dtype=np.float32)
+        ok = (src >= 0) & (dim >= 0) & np.isfinite(val)
+        rows = _valid_rows(ok, [(src, "<u2"), (dim, "<u4"), (val, "<f4"), (frac, "<f2")])
+        out["as"], out["ad"], out["av"], out["af"] = ([r[k] for r in rows] for k in range(4))
+    if ex.top_next_logit is not None:
+        out["tn"] = _next_logit_rows(ex.top_next_logit, t_valid, t_q, a, b)
+    if ex.iv_next_logit is not None:
+        out["in"] = _next_logit_rows(ex.iv_next_logit, i_valid, i_q, a, b)
+    return out

@@ -29,6 +29,8 @@ class IndexChunk:
     - ``d``, ``m``: bin float32 LE density and max activation
     - ``r``, ``c``: bin float32 LE relative decoder norm and decoder cosine (NaN unless S = 2)
     - ``p``: bin uint16 LE peak source (argmax of the decoder norm)
+    - ``dc``: bin int8 model-diff class (``FeatureFacts.diff_class``: -1 none, 0 model-A-only,
+      1 shared, 2 model-B-only), which the class filter and badges use
     - ``ts``: token chip strings used by this chunk; ``tt``: bin uint16 LE ``n × 3``: top tokens as
       indices into ``ts`` plus one (0 = none)
     - ``lb``: list of ``n`` labels (``""`` for none), or ``null`` when the site has no labels
@@ -54,6 +56,7 @@ class IndexChunk:
             "r": pack([f.rel_norm for f in rows], "f4"),
             "c": pack([f.dec_cos for f in rows], "f4"),
             "p": pack([f.peak for f in rows], "u2"),
+            "dc": pack([f.diff_class for f in rows], "i1"),
             "ts": list(table),
             "tt": pack(tt.ravel(), "u2"),
             "lb": None if labels is None else [labels[f.id].label if f.id in labels else "" for f in rows],

@@ -1,7 +1,8 @@
 """The model-diff overview (``diff/index.html``): distributions over all features, bins as links.
 
 For two-source crosscoders: the relative decoder norm ``r = ‖d_1‖ / (‖d_0‖ + ‖d_1‖)`` of every alive
-feature and the decoder cosine of the shared ones; for S > 2: each feature's peak source. Every bar
+feature and the decoder cosine of the shared ones (model-diff class ``FeatureFacts.diff_class``, the one
+the index's class filter and the page badges use); for S > 2: each feature's peak source. Every bar
 links to the index filtered to its bin (``../index.html#rel=0.40-0.45``), which ``assets/index.js``
 reads. A bin ``lo-hi`` holds ``lo ≤ x < hi`` (the last bin also ``x = hi``); the browser compares the
 same float32 values with the same decimal edges, so the counts agree.
@@ -15,7 +16,7 @@ import numpy as np
 
 from .features import FeatureFacts
 
-REL_A_ONLY = 0.3  # r below: the decoder writes mostly to source 0 (model A)
+REL_A_ONLY = 0.3  # r below: the decoder writes mostly to source 0 (model A); default of the thresholds
 REL_B_ONLY = 0.7  # r above: mostly to source 1 (model B)
 REL_BINS = 20
 COS_BINS = 20
@@ -51,10 +52,13 @@ class Chart:
     pad_right: int = PAD_R
 
 
-def rel_class(r: float) -> str:
-    if not np.isfinite(r):
-        return ""
-    return "a" if r < REL_A_ONLY else ("b" if r > REL_B_ONLY else "shared")
+CLASS_KEYS = {0: "a", 1: "shared", 2: "b"}  # FeatureFacts.diff_class → the index's ``cls`` filter value
+
+
+def rel_class(f: FeatureFacts) -> str:
+    """The index's class key of a feature (``a``, ``shared``, ``b``; ``""`` for none), from its
+    ``diff_class``: the same value the index filter and the page badges use."""
+    return CLASS_KEYS.get(f.diff_class, "")
 
 
 def _edges(lo: float, hi: float, n: int) -> list[str]:
@@ -84,7 +88,8 @@ def _layout(counts, labels, hrefs, ticks_at, title, note) -> Chart:
     return Chart(title=title, note=note, bars=bars, ticks=ticks, y_max=y_max)
 
 
-def rel_chart(facts: list[FeatureFacts]) -> Chart:
+def rel_chart(facts: list[FeatureFacts], thresholds: tuple[float, float] = (REL_A_ONLY, REL_B_ONLY)) -> Chart:
+    lo, hi = thresholds
     r = np.array([f.rel_norm for f in facts if f.alive], dtype=np.float32)
     edges = _edges(0.0, 1.0, REL_BINS)
     counts = _bin_counts(r, edges)
@@ -92,20 +97,20 @@ def rel_chart(facts: list[FeatureFacts]) -> Chart:
     hrefs = [f"../index.html#rel={edges[i]}-{edges[i + 1]}" for i in range(REL_BINS)]
     ticks = [(i, edges[i]) for i in range(0, REL_BINS + 1, 4)]
     return _layout(counts, labels, hrefs, ticks, "Relative decoder norm",
-                   f"r = ‖d_B‖ / (‖d_A‖ + ‖d_B‖) of {len(r):,} alive features: r < {REL_A_ONLY} model-A-only, "
-                   f"r > {REL_B_ONLY} model-B-only, shared between")
+                   f"r = ‖d_B‖ / (‖d_A‖ + ‖d_B‖) of {len(r):,} alive features: r < {lo} model-A-only, "
+                   f"r > {hi} model-B-only, shared between")
 
 
-def cos_chart(facts: list[FeatureFacts]) -> Chart:
-    c = np.array([f.dec_cos for f in facts if f.alive and rel_class(f.rel_norm) == "shared"], dtype=np.float32)
+def cos_chart(facts: list[FeatureFacts], thresholds: tuple[float, float] = (REL_A_ONLY, REL_B_ONLY)) -> Chart:
+    lo, hi = thresholds
+    c = np.array([f.dec_cos for f in facts if f.alive and rel_class(f) == "shared"], dtype=np.float32)
     edges = _edges(-1.0, 1.0, COS_BINS)
     counts = _bin_counts(c, edges)
     labels = [f"{edges[i]}–{edges[i + 1]}" for i in range(COS_BINS)]
-    hrefs = [f"../index.html#rel={REL_A_ONLY:.2f}-{REL_B_ONLY:.2f}&cos={edges[i]}-{edges[i + 1]}"
-             for i in range(COS_BINS)]
+    hrefs = [f"../index.html#cls=shared&cos={edges[i]}-{edges[i + 1]}" for i in range(COS_BINS)]
     ticks = [(i, edges[i]) for i in range(0, COS_BINS + 1, 5)]
     return _layout(counts, labels, hrefs, ticks, "Decoder cosine of shared features",
-                   f"cosine(d_A, d_B) of the {len(c):,} shared features ({REL_A_ONLY} ≤ r ≤ {REL_B_ONLY})")
+                   f"cosine(d_A, d_B) of the {len(c):,} shared features ({lo} ≤ r ≤ {hi})")
 
 
 def peak_chart(facts: list[FeatureFacts], source_names: list[str]) -> Chart:
@@ -119,11 +124,13 @@ def peak_chart(facts: list[FeatureFacts], source_names: list[str]) -> Chart:
                    "the source each alive feature's decoder writes to most (argmax of ‖W_dec[f, s]‖)")
 
 
-def overview_charts(facts: list[FeatureFacts], source_names: list[str]) -> list[Chart]:
-    """The charts of the overview page (none for a one-source SAE)."""
+def overview_charts(facts: list[FeatureFacts], source_names: list[str],
+                    thresholds: tuple[float, float] = (REL_A_ONLY, REL_B_ONLY)) -> list[Chart]:
+    """The charts of the overview page (none for a one-source SAE); ``thresholds``: the model-diff class
+    thresholds of the relative norm (``features.diff_thresholds``)."""
     S = len(source_names)
     if S == 2:
-        return [rel_chart(facts), cos_chart(facts)]
+        return [rel_chart(facts, thresholds), cos_chart(facts, thresholds)]
     if S > 2:
         return [peak_chart(facts, source_names)]
     return []
@@ -137,7 +144,7 @@ def overview_classes(facts: list[FeatureFacts], n_sources: int) -> list[dict]:
         for key, name, href in (("a", "model-A-only", "../index.html#cls=a"),
                                 ("shared", "shared", "../index.html#cls=shared"),
                                 ("b", "model-B-only", "../index.html#cls=b")):
-            count = sum(1 for f in facts if f.alive and rel_class(f.rel_norm) == key)
+            count = sum(1 for f in facts if f.alive and rel_class(f) == key)
             out.append({"name": name, "href": href, "count": count})
     out.append({"name": "dead", "href": "../index.html#alive=dead", "count": sum(1 for f in facts if not f.alive)})
     return out

@@ -16,7 +16,7 @@ from importlib.resources import files
 import jinja2
 from markupsafe import Markup, escape
 
-from .features import FeatureFacts
+from .features import DIFF_A_ONLY, DIFF_B_ONLY, DIFF_SHARED, FeatureFacts
 from .labels import Label
 from .text import chip
 
@@ -75,6 +75,7 @@ class SiteInfo:
     sources: list[str]
     dataset: str = ""
     n_tokens: int = 0
+    rel_thresholds: tuple[float, float] = (0.3, 0.7)  # model-diff classes: A-only below, B-only above
 
 
 def feature_chrome(env: jinja2.Environment, site: SiteInfo) -> dict:
@@ -108,11 +109,25 @@ class FeaturePage:
     prev_id: int | None
     next_id: int | None
     payload: str  # base64 (see features.FeaturePayload)
+    diff_badge: dict | None  # diff_badge(...): the model-diff class shown beside the title (S = 2)
     chrome: dict  # feature_chrome(...)
     root: str = FEATURE_ROOT
 
     def variables(self) -> dict:
         return self.__dict__
+
+
+def diff_badge(diff_class: int, thresholds: tuple[float, float]) -> dict | None:
+    """``{key, text, title}`` of a feature's model-diff class badge (``key`` as the index's ``cls`` filter:
+    ``a``, ``shared``, ``b``), or None when it has no class."""
+    lo, hi = thresholds
+    if diff_class == DIFF_A_ONLY:
+        return {"key": "a", "text": "A-only", "title": f"model-A-only: relative decoder norm r < {lo}"}
+    if diff_class == DIFF_SHARED:
+        return {"key": "shared", "text": "shared", "title": f"shared: {lo} ≤ r ≤ {hi}"}
+    if diff_class == DIFF_B_ONLY:
+        return {"key": "b", "text": "B-only", "title": f"model-B-only: relative decoder norm r > {hi}"}
+    return None
 
 
 def feature_page(site: SiteInfo, f: FeatureFacts, strings: list[str], label: Label | None, payload: str,
@@ -142,6 +157,7 @@ def feature_page(site: SiteInfo, f: FeatureFacts, strings: list[str], label: Lab
         prev_id=f.id - 1 if f.id - 1 in page_ids else None,
         next_id=f.id + 1 if f.id + 1 in page_ids else None,
         payload=Markup(payload),  # base64: nothing to escape
+        diff_badge=diff_badge(f.diff_class, site.rel_thresholds) if len(site.sources) == 2 else None,
         chrome=chrome,
     )
 

@@ -37,12 +37,12 @@ from ..errors import AtlasError
 
 from .assets import asset_files
 from .chunks import PAGE_LEVEL, encode_payload
-from .features import FeatureFacts, WindowTokens, feature_facts, iter_features
+from .features import FeatureFacts, WindowTokens, diff_thresholds, feature_facts, iter_features
 from .index import ROWS_PER_CHUNK, index_chunk_files
 from .labels import Label, load_labels
 from .load import load_cache
 from .output import StagedSite
-from .overview import REL_A_ONLY, REL_B_ONLY, overview_charts, overview_classes
+from .overview import overview_charts, overview_classes
 from .pages import IndexPage, NotFoundPage, OverviewPage, SiteInfo, feature_chrome, feature_page, make_environment
 from .search import TokenIndexBuilder, label_shard_files, token_shard_files
 from .sitefiles import MARKER, SiteMeta, features_csv, make_marker, sitemap_files
@@ -98,6 +98,8 @@ def _render_range(bounds: tuple[int, int]) -> _PagesWritten:
         obj = payload.obj
         if labels:
             obj["nl"] = [labels[i].label if i in labels else "" for i in np.frombuffer(obj["nb"], "<u4").tolist()]
+            if "fi" in obj:
+                obj["fl"] = [labels[i].label if i in labels else "" for i in np.frombuffer(obj["fi"], "<u4").tolist()]
         ctx = feature_page(job.site, facts, job.vocab.strings, labels.get(facts.id), encode_payload(obj, PAGE_LEVEL),
                            job.page_ids, job.chrome)
         data = job.template.render(ctx.variables()).encode("utf-8")
@@ -208,7 +210,7 @@ def render_site(cache_dir: Path, out: Path, *, title: str | None = None, labels:
     label_map = {i: lab for i, lab in label_map.items() if i in page_ids}
     names = _source_names(cache)
     site = SiteInfo(title=_site_title(cache, title), has_diff=S >= 2, n_features=F, first_id=first,
-                    sources=names, dataset=m.dataset, n_tokens=m.n_tokens)
+                    sources=names, dataset=m.dataset, n_tokens=m.n_tokens, rel_thresholds=diff_thresholds(cache))
     vocab = build_site_vocab(cache)
     env = make_environment()
     workers = _default_workers(F) if workers is None else max(1, int(workers))
@@ -276,15 +278,17 @@ def _write_site_files(staged: StagedSite, env, cache, site: SiteInfo, vocab, fac
         "search": {"token_shards": n_tok_shards, "label_shards": n_lab_shards},
         "has_labels": has_labels,
         "has_diff": site.has_diff,
-        "rel_thresholds": [REL_A_ONLY, REL_B_ONLY],
+        "rel_thresholds": list(site.rel_thresholds),
     })
     staged.write("data/meta.js", meta.to_bytes())
 
     description = f"{site.title}: an atlas of {F:,} features of {', '.join(names)}."
-    index_page = IndexPage(site, description, S, has_labels, REL_A_ONLY, REL_B_ONLY)
+    rel_a, rel_b = site.rel_thresholds
+    index_page = IndexPage(site, description, S, has_labels, rel_a, rel_b)
     staged.write("index.html", env.get_template("index.html").render(index_page.variables()).encode("utf-8"))
     if site.has_diff:
-        overview = OverviewPage(site, overview_charts(facts_all, names), overview_classes(facts_all, S))
+        overview = OverviewPage(site, overview_charts(facts_all, names, site.rel_thresholds),
+                                overview_classes(facts_all, S))
         staged.write("diff/index.html", env.get_template("diff.html").render(overview.variables()).encode("utf-8"))
     staged.write("404.html", env.get_template("404.html").render(NotFoundPage(site).variables()).encode("utf-8"))
     staged.write("features.csv", features_csv(facts_all, vocab.strings, label_map, S))

@@ -67,6 +67,7 @@
   }
   /** Packed little-endian arrays in msgpack bin values -> typed arrays. */
   Atlas.u8 = function (bin) { return bin ? new Uint8Array(bin) : new Uint8Array(0); };
+  Atlas.i8 = function (bin) { return bin ? new Int8Array(bin.buffer, bin.byteOffset, bin.byteLength) : new Int8Array(0); };
   Atlas.u16 = reader(2, Uint16Array, function (dv, o) { return dv.getUint16(o, true); });
   Atlas.u32 = reader(4, Uint32Array, function (dv, o) { return dv.getUint32(o, true); });
   Atlas.f32 = reader(4, Float32Array, function (dv, o) { return dv.getFloat32(o, true); });

@@ -3,8 +3,10 @@
  * Reads the payload embedded in <script type="application/x-atlas" id="atlas-feature"> (schema:
  * atlas/render/features.py FeaturePayload), loads the vocab shards it lists, and draws the panels:
  * top examples and interval groups (tokens shaded by activation, the max token marked .tok.max, hover
- * shows the value), activation histogram, logit tables and histograms, decoder norms. Also: copy
- * permalink, embed code, j/k and arrow keys for previous/next.
+ * shows the value and, when the cache has it, the token's contribution to the next token's logit),
+ * activation histogram, logit tables and histograms, decoder norms, nearest features, and, when the
+ * cache has them, neuron alignment, correlated neurons and correlated features. Also: copy permalink,
+ * embed code, j/k and arrow keys for previous/next.
  */
 (function () {
   "use strict";
@@ -42,6 +44,91 @@
     box.appendChild(grid);
     box.appendChild(section("logits", "Logit effects"));
     if (p.nb && p.nb.byteLength) box.appendChild(section("neighbours", "Nearest features by decoder cosine"));
+    if (present(p.fi, dead)) box.appendChild(section("fcorr", "Correlated features"));
+    var grid2 = A.el("div", "grid");
+    if (present(p.av, dead)) grid2.appendChild(section("alignment", "Neuron alignment"));
+    if (present(p.xv, dead)) grid2.appendChild(section("ncorr", "Correlated neurons"));
+    if (grid2.firstChild) box.appendChild(grid2);
+  }
+  /** An optional payload array: shown when the cache has it (key present), unless empty on a dead feature. */
+  function present(bin, dead) { return bin !== undefined && bin !== null && (!dead || bin.byteLength > 0); }
+
+  function sourceName(s) {
+    var src = M.sources[s] || { model: "source " + s, site: "" };
+    return (M.sources.length === 2 ? "AB"[s] + " \u00b7 " : "") + src.model + " \u00b7 " + src.site;
+  }
+  function sourceShort(s) { return M.sources.length === 2 ? "AB"[s] : M.sources.length > 2 ? "s" + s : ""; }
+  function signed(x) { return (x > 0 ? "+" : x < 0 ? "\u2212" : "") + A.fmt(Math.abs(x)); }
+
+  function featureLinks(ids, vals, labels, cls) {
+    var list = A.el("ol", cls);
+    for (var i = 0; i < ids.length; i++) {
+      var li = A.el("li"), id = ids[i];
+      if (id >= M.first_id && id < M.first_id + M.n_features) {
+        var a = A.el("a", null, id);
+        a.href = A.featureHref(id);
+        li.appendChild(a);
+      } else {
+        li.appendChild(A.el("span", null, id));
+      }
+      li.appendChild(A.el("span", "num", A.fmt(vals[i])));
+      if (labels[i]) li.appendChild(A.el("span", "nlabel", labels[i]));
+      list.appendChild(li);
+    }
+    return list;
+  }
+  function neuronTable(cls, head, rows) {
+    var t = A.el("table", "neurons " + cls), tr = A.el("tr"), thead = A.el("thead"), tb = A.el("tbody");
+    head.forEach(function (h, i) { tr.appendChild(A.el("th", i > 1 ? "num" : null, h)); });
+    thead.appendChild(tr);
+    t.appendChild(thead);
+    rows.forEach(function (r) {
+      var row = A.el("tr");
+      var src = A.el("td", "src", sourceShort(r[0]) || sourceName(r[0]));
+      src.title = sourceName(r[0]);
+      row.appendChild(src);
+      row.appendChild(A.el("td", "num dim", r[1]));
+      for (var k = 2; k < r.length; k++) row.appendChild(A.el("td", "num", r[k]));
+      tb.appendChild(row);
+    });
+    t.appendChild(tb);
+    return t;
+  }
+
+  function drawCorrelatedFeatures(p) {
+    var body = panel("fcorr");
+    if (!body) return;
+    var ids = A.u32(p.fi), r = A.f16(p.fv);
+    if (!ids.length) { body.appendChild(A.el("p", "empty", "No correlated features.")); return; }
+    body.appendChild(featureLinks(ids, r, p.fl || [], "neighbours fcorr"));
+    body.appendChild(A.el("p", "note", "Pearson correlation of activations over all counted tokens, among the " +
+      "feature's nearest features by decoder cosine; highest first."));
+  }
+  function drawCorrelatedNeurons(p) {
+    var body = panel("ncorr");
+    if (!body) return;
+    var src = A.u16(p.xs), dim = A.u32(p.xd), r = A.f16(p.xv), rows = [];
+    for (var i = 0; i < r.length; i++) rows.push([src[i], dim[i], A.fmt(r[i])]);
+    if (!rows.length) { body.appendChild(A.el("p", "empty", "No correlated neurons.")); return; }
+    body.appendChild(neuronTable("ncorr", ["Source", "Neuron", "Pearson r"], rows));
+    body.appendChild(A.el("p", "note", "Dimensions of the sources' activations (as read from the model) with the " +
+      "largest |Pearson correlation| with the feature's activation over all counted tokens."));
+  }
+  function drawAlignment(p) {
+    var body = panel("alignment");
+    if (!body) return;
+    var src = A.u16(p.as), dim = A.u32(p.ad), v = A.f32(p.av), frac = A.f16(p.af), rows = [], total = 0;
+    for (var i = 0; i < v.length; i++) {
+      rows.push([src[i], dim[i], A.fmt(v[i]), A.pct(frac[i])]);
+      if (isFinite(frac[i])) total += frac[i];
+    }
+    if (!rows.length) { body.appendChild(A.el("p", "empty", "No decoder entries.")); return; }
+    body.appendChild(neuronTable("alignment", ["Source", "Dim", "W_dec", "Share"], rows));
+    var note = A.el("p", "note", "The " + rows.length + " largest decoder entries W_dec[f, s, i] carry ");
+    var strong = A.el("strong", "align-total", A.pct(total));
+    note.appendChild(strong);
+    note.appendChild(doc.createTextNode(" of the decoder's L1 norm \u03a3|W_dec[f]| (all sources)."));
+    body.appendChild(note);
   }
 
   function drawNeighbours(p) {
@@ -72,9 +159,28 @@
   function svgTitle(parent, text) { var t = svg("title", {}); t.textContent = text; parent.appendChild(t); }
 
   // ---------------------------------------------------------------- examples
-  function drawExamples(container, tok, q, centre, maxAct, first, count, centreIndex, centreClass) {
+  /** Offsets into a next-token logit array (``tn``/``in``): example e's values start at out[e]
+   * (S values per window position with a nonzero quantised activation). */
+  function nextStarts(q, n) {
+    var W = M.window, S = M.sources.length, out = new Int32Array(n + 1), k = 0;
+    for (var e = 0; e < n; e++) {
+      out[e] = k;
+      for (var p = 0; p < W; p++) if (q[e * W + p]) k += S;
+    }
+    out[n] = k;
+    return out;
+  }
+  function nextText(nl, off) {
+    var S = M.sources.length, parts = [];
+    for (var s = 0; s < S; s++) parts.push(signed(nl[off + s]) + (S > 1 ? " " + sourceShort(s) : ""));
+    return parts.join(" \u00b7 ");
+  }
+
+  function drawExamples(container, tok, q, centre, maxAct, first, count, centreIndex, centreClass, nl) {
     var W = M.window, frag = doc.createDocumentFragment();
+    var starts = nl ? nextStarts(q, first + count) : null;
     for (var e = first; e < first + count; e++) {
+      var off = starts ? starts[e] : 0;
       var row = A.el("div", "ex");
       row.appendChild(A.el("span", "exval", A.fmt(centre[e])));
       var line = A.el("span", "line");
@@ -88,6 +194,13 @@
         if (qa) span.style.backgroundColor = "rgba(255,112,0," + (0.08 + 0.82 * qa / 255).toFixed(3) + ")";
         span.setAttribute("data-v", qa ? (isMax ? A.fmt(value, 4) : "\u2248" + A.fmt(value)) : "0");
         span.setAttribute("data-t", id);
+        if (nl) {
+          var nextId = p + 1 < W ? tok[e * W + p + 1] : -1;  // -1: after the window (but in the sequence)
+          if (qa) { span.setAttribute("data-n", nextText(nl, off)); off += M.sources.length; }
+          else span.setAttribute("data-n", "0");
+          if (nextId === 0) span.setAttribute("data-n", "none");
+          if (nextId > 0) span.setAttribute("data-nt", nextId);
+        }
         line.appendChild(span);
         line.appendChild(doc.createElement("wbr")); // lines break between tokens, not inside them
       }
@@ -104,7 +217,7 @@
     var tok = A.ids(p.tt), q = A.u8(p.ta), val = A.f32(p.tv), n = val.length;
     if (!n) { body.appendChild(A.el("p", "empty", "No examples.")); return; }
     var box = A.el("div", "examples");
-    drawExamples(box, tok, q, val, p.max, 0, n, M.window_before, "max");
+    drawExamples(box, tok, q, val, p.max, 0, n, M.window_before, "max", p.tn ? A.f16(p.tn) : null);
     body.appendChild(box);
   }
 
@@ -112,7 +225,7 @@
     var body = panel("intervals");
     if (!body) return;
     body.textContent = "";
-    var counts = A.u8(p.ig), tok = A.ids(p.it), q = A.u8(p.ia), val = A.f16(p.iv);
+    var counts = A.u8(p.ig), tok = A.ids(p.it), q = A.u8(p.ia), val = A.f16(p.iv), nl = p["in"] ? A.f16(p["in"]) : null;
     var starts = [], s = 0;
     for (var g = 0; g < counts.length; g++) { starts.push(s); s += counts[g]; }
     if (!s) { body.appendChild(A.el("p", "empty", "No interval samples.")); return; }
@@ -124,7 +237,7 @@
       head.appendChild(A.el("span", "sub", " " + Math.round(100 * lo / p.max) + "\u2013" + Math.round(100 * hi / p.max) + "% of max \u00b7 " + counts[g] + " sampled"));
       grp.appendChild(head);
       var box = A.el("div", "examples");
-      drawExamples(box, tok, q, val, p.max, starts[g], counts[g], M.window_before, "centre");
+      drawExamples(box, tok, q, val, p.max, starts[g], counts[g], M.window_before, "centre", nl);
       grp.appendChild(box);
       body.appendChild(grp);
     }
@@ -246,7 +359,7 @@
       mark.style.left = (100 * p.rel).toFixed(1) + "%";
       scale.appendChild(mark);
       g.appendChild(scale);
-      var cls = p.rel < th[0] ? "model-A-only" : p.rel > th[1] ? "model-B-only" : "shared";
+      var cls = ["model-A-only", "shared", "model-B-only"][p.dc] || "no class";
       g.appendChild(A.el("p", "note", "Relative norm " + A.fmt(p.rel) + " (" + cls + "; A-only below " + th[0] + ", B-only above " + th[1] + ") \u00b7 decoder cosine " + A.fmt(p.cos)));
       body.appendChild(g);
     }
@@ -259,15 +372,30 @@
       var t = e.target.closest ? e.target.closest(".tok") : null;
       if (!t) return;
       tip.textContent = "";
-      tip.appendChild(A.el("strong", null, t.getAttribute("data-v")));
+      var first = A.el("div", "tipact");
+      first.appendChild(A.el("strong", null, t.getAttribute("data-v")));
       var id = +t.getAttribute("data-t");
-      tip.appendChild(A.el("span", "tiptok", " " + A.chip(A.tok(id))));
+      first.appendChild(A.el("span", "tiptok", " " + A.chip(A.tok(id))));
+      tip.appendChild(first);
       tip.setAttribute("data-t", id);
       A.tokIdAsync(id).then(function (orig) {
         if (orig >= 0 && !tip.hidden && tip.getAttribute("data-t") === String(id)) {
-          tip.appendChild(A.el("span", "tipid", " id " + orig));
+          first.appendChild(A.el("span", "tipid", " id " + orig));
         }
       }, function () { /* the id is optional */ });
+      var n = t.getAttribute("data-n");
+      if (n !== null) {
+        var nt = t.getAttribute("data-nt");
+        var next = A.el("div", "tipnext");
+        if (n === "none") {
+          next.textContent = "\u2192 no next token (end of the sequence)";
+        } else {
+          next.textContent = "\u2192 next token" + (nt ? " " + A.chip(A.tok(+nt)) : "") + " logit " + (n === "0" ? "0" : n);
+          tip.appendChild(next);
+          next = A.el("div", "tipdef", "this token's activation \u00d7 the feature's direct effect on that logit");
+        }
+        tip.appendChild(next);
+      }
       tip.hidden = false;
       var r = t.getBoundingClientRect();
       var x = Math.min(r.left, window.innerWidth - tip.offsetWidth - 8);
@@ -360,6 +488,9 @@
     drawLogits(p);
     drawDecoder(p);
     drawNeighbours(p);
+    drawCorrelatedFeatures(p);
+    drawAlignment(p);
+    drawCorrelatedNeurons(p);
     A.readyAt = performance.now();
     doc.documentElement.setAttribute("data-ready", "1");
   }).catch(fail);

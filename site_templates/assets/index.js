@@ -3,7 +3,8 @@
  * Loads every data/index/<k>.js chunk (schema: atlas/render/index.py IndexChunk) into typed arrays and
  * shows them in a virtualised table: only the rows in view exist in the DOM, so 100k rows scroll
  * smoothly. Sorting (click a header), filters (density range, decoder class, alive/dead, bins from
- * the model-diff page) and search results all work on an index array of the rows.
+ * the model-diff page) and search results all work on an index array of the rows. The decoder class
+ * filter and the class badges read the same per-feature model-diff class (chunk key dc).
  *
  * State lives in the URL hash, e.g. #rel=0.40-0.45&cos=0.90-1.00&peak=3&dens=1e-5-1e-3&cls=shared
  * &alive=alive&q=the&sort=-density (a bin "lo-hi" keeps lo <= x < hi, and x = hi for the last bin).
@@ -19,6 +20,7 @@
     alive: doc.getElementById("f-alive"), bins: doc.getElementById("f-bins"), reset: doc.getElementById("f-reset"),
   };
   var N = M.n_features, th = M.rel_thresholds;
+  var CLS = { a: 0, shared: 1, b: 2 }, CLS_KEY = ["a", "shared", "b"], CLS_TEXT = ["A-only", "shared", "B-only"];
   var col = null; // columns once loaded
   var order = null; // Int32Array of row indices in view
   var state = null;
@@ -97,14 +99,17 @@
     return Promise.all(jobs).then(function (chunks) {
       var c = {
         id: new Int32Array(N), density: new Float32Array(N), max: new Float32Array(N), rel: new Float32Array(N),
-        cos: new Float32Array(N), peak: new Uint16Array(N), tokens: new Array(N), label: M.has_labels ? new Array(N) : null,
+        cos: new Float32Array(N), peak: new Uint16Array(N), cls: new Int8Array(N), tokens: new Array(N),
+        label: M.has_labels ? new Array(N) : null,
       };
       var r = 0;
       chunks.forEach(function (ch) {
         var d = A.f32(ch.d), m = A.f32(ch.m), rel = A.f32(ch.r), cos = A.f32(ch.c), pk = A.u16(ch.p), tt = A.u16(ch.tt);
+        var dc = A.i8(ch.dc);
         for (var i = 0; i < ch.n; i++, r++) {
           c.id[r] = ch.start + i;
           c.density[r] = d[i]; c.max[r] = m[i]; c.rel[r] = rel[i]; c.cos[r] = cos[i]; c.peak[r] = pk[i];
+          c.cls[r] = i < dc.length ? dc[i] : -1;
           var toks = [];
           for (var j = 0; j < 3; j++) { var t = tt[i * 3 + j]; if (t) toks.push(ch.ts[t - 1]); }
           c.tokens[r] = toks;
@@ -133,12 +138,7 @@
       if (state.alive === "alive" && !(d > 0)) continue;
       if (state.alive === "dead" && d > 0) continue;
       var r = col.rel[i];
-      if (state.cls) {
-        if (!(d > 0) || !isFinite(r)) continue;
-        if (state.cls === "a" && !(r < th[0])) continue;
-        if (state.cls === "b" && !(r > th[1])) continue;
-        if (state.cls === "shared" && (r < th[0] || r > th[1])) continue;
-      }
+      if (state.cls && !(d > 0 && col.cls[i] === CLS[state.cls])) continue;
       if (state.rel && !(d > 0 && inBin(r, state.rel))) continue;
       if (state.cos && !(d > 0 && inBin(col.cos[i], state.cos))) continue;
       if (state.peak !== null && !(d > 0 && col.peak[i] === state.peak)) continue;
@@ -184,9 +184,14 @@
     col.tokens[i].forEach(function (s) { tk.appendChild(A.el("span", "chip", s)); });
     tr.appendChild(tk);
     if (M.sources.length === 2) {
-      var r = col.rel[i];
-      var rc = cell(tr, "num rel", A.fmt(r, 2));
-      if (isFinite(r)) rc.className += r < th[0] ? " a" : r > th[1] ? " b" : " shared";
+      var k = col.cls[i], kc = cell(tr, "cls");
+      if (k >= 0 && k <= 2) {
+        var badge = A.el("span", "badge diff-" + CLS_KEY[k], CLS_TEXT[k]);
+        badge.title = k === 0 ? "model-A-only: r < " + th[0] : k === 2 ? "model-B-only: r > " + th[1] : "shared: " + th[0] + " \u2264 r \u2264 " + th[1];
+        kc.appendChild(badge);
+      }
+      var rc = cell(tr, "num rel", A.fmt(col.rel[i], 2));
+      if (k >= 0 && k <= 2) rc.className += " " + CLS_KEY[k];
       cell(tr, "num", A.fmt(col.cos[i], 2));
     }
     if (M.sources.length > 2) cell(tr, "num", col.density[i] > 0 ? String(col.peak[i]) : "\u2013");
