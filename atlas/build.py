@@ -148,7 +148,8 @@ def render_command(args, cache_dir: Path | None = None):
     cache_dir = Path(cache_dir or args.cache)
     check_output(Path(args.output))
     check_writable(Path(args.output).absolute().parent)
-    return render_site(cache_dir, Path(args.output), title=args.title, labels=args.labels)
+    return render_site(cache_dir, Path(args.output), title=args.title, labels=args.labels,
+                       site_url=getattr(args, "site_url", None))
 
 
 def inspect_command(args) -> None:

@@ -88,6 +88,9 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", default=None, metavar="FILE",
                    help="feature labels/explanations: JSON ({id: label} or a list of {id, label}) or CSV "
                    "with columns id,label")
+    p.add_argument("--site-url", default=None, metavar="URL",
+                   help="public URL the site will be served from, e.g. https://example.org/atlas/; used only "
+                   "for absolute URLs in sitemap.xml (default: relative URLs)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -217,6 +217,22 @@ def test_sitemap_absolute_and_split(tmp_path):
     assert b"<loc>https://example.org/atlas/f/0/</loc>" in files["sitemap-0.xml"]
 
 
+def test_cli_site_url(tmp_path, capsys):
+    """``--site-url`` (atlas render and atlas build) makes the sitemap's URLs absolute; a non-URL is refused."""
+    from atlas.cli import build_parser, main
+
+    cache = _tiny_cache(tmp_path / "cache")
+    assert main(["render", str(cache), "-o", str(tmp_path / "site"), "--site-url", "https://example.org/atlas"]) == 0
+    sm = (tmp_path / "site" / "sitemap.xml").read_text("utf-8")
+    assert "<loc>https://example.org/atlas/f/5/</loc>" in sm and "<loc>https://example.org/atlas/index.html</loc>" in sm
+    assert verify_site(tmp_path / "site") == []
+    assert main(["render", str(cache), "-o", str(tmp_path / "site2"), "--site-url", "example.org"]) == 2
+    assert "--site-url" in capsys.readouterr().err
+    assert not (tmp_path / "site2").exists()
+    assert build_parser().parse_args(["build", "--site-url", "https://x.org/"]).site_url == "https://x.org/"
+    assert "sitemap.xml" in build_parser()._subparsers._group_actions[0].choices["build"].format_help()
+
+
 def test_render_never_imports_torch(tmp_path):
     cache = _tiny_cache(tmp_path / "cache")
     code = (

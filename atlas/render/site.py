@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,9 @@ def render_site(cache_dir: Path, out: Path, *, title: str | None = None, labels:
     stderr is a terminal). ``workers``: processes writing feature pages (default: one per CPU core, up
     to 8, for large sites on Linux; the output does not depend on it).
     """
+    if site_url is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", site_url):
+        raise AtlasError(f"--site-url {site_url!r} is not an http(s) URL: pass the address the site is served "
+                         "from, e.g. https://example.org/atlas/")
     cache = load_cache(Path(cache_dir))
     label_map = load_labels(labels)
     out = Path(out)
