@@ -20,7 +20,7 @@ from atlas.cache import read_cache
 from atlas.render import render_site
 from atlas.render.chunks import read_chunk_script
 from atlas.render.pages import fmt_num
-from atlas.render.text import visible
+from atlas.render.text import chip, visible
 from synthetic_cache import HOSTILE_TOKENS, write_synthetic_cache
 
 pytestmark = pytest.mark.browser
@@ -51,7 +51,8 @@ def _serve(folder: Path):
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     cache_dir = write_synthetic_cache(root / "cache", n_features=N_FEATURES, n_sources=2, vocab_size=400,
-                                      n_sequences=48, seq_len=64, hostile_text=True, seed=1)
+                                      n_sequences=48, seq_len=64, hostile_text=True, seed=1,
+                                      next_token_effects="all")
     labels = root / "labels.json"
     labels.write_text(json.dumps(LABELS), "utf-8")
     site = root / "www" / "sub" / "site"
@@ -168,6 +169,121 @@ def test_feature_page(world, page, where):
     assert page.locator("main img, main svg[onload], .examples script").count() == 0
 
 
+def _signed(x: float) -> str:
+    return ("+" if x > 0 else "\u2212" if x < 0 else "") + fmt_num(abs(x))
+
+
+def _pct(x: float) -> str:
+    return fmt_num(100 * x) + "%"
+
+
+def _f16(x) -> float:
+    return float(np.float16(x))
+
+
+@pytest.mark.parametrize("fid", [0, 3])
+def test_new_panels_show_the_cache_values(world, page, fid):
+    """Correlated neurons, correlated features, neuron alignment and the diff-class badge of a feature
+    show the cache's values (as stored in the payload: correlations as float16)."""
+    cache = world["cache"]
+    fs = cache.features
+    _ready(page, world["bases"]["sub"] + f"f/{fid}/index.html")
+    # model-diff class badge in the header
+    word = {0: "A-only", 1: "shared", 2: "B-only"}[int(fs.diff_class[fid])]
+    assert page.locator("h1 .badge").inner_text() == word
+    # correlated neurons: (source, dim, r), strongest |r| first
+    ok = fs.ncorr_dim[fid] >= 0
+    rows = page.locator("[data-panel=ncorr] table.neurons tbody tr")
+    want = [["AB"[s], str(d), fmt_num(_f16(v))]
+            for s, d, v in zip(fs.ncorr_source[fid][ok], fs.ncorr_dim[fid][ok], fs.ncorr_val[fid][ok])]
+    assert [r.locator("td").all_inner_texts() for r in rows.all()] == want
+    assert len(want) == cache.manifest.settings.n_corr_neurons
+    s0 = int(fs.ncorr_source[fid][0])
+    src = cache.manifest.sources[s0]
+    assert rows.first.locator("td.src").get_attribute("title") == f"{'AB'[s0]} \u00b7 {src.model} \u00b7 {src.site}"
+    # correlated features: relative links and correlations
+    ok = fs.fcorr_ids[fid] >= 0
+    items = page.locator("[data-panel=fcorr] li")
+    assert items.count() == int(ok.sum()) > 0
+    for li, i, v in zip(items.all(), fs.fcorr_ids[fid][ok], fs.fcorr_val[fid][ok]):
+        assert li.locator("a").inner_text() == str(i)
+        assert li.locator("a").get_attribute("href") == f"../../f/{i}/index.html"
+        assert li.locator(".num").inner_text() == fmt_num(_f16(v))
+    labelled = [i for i in fs.fcorr_ids[fid][ok].tolist() if str(i) in LABELS and isinstance(LABELS[str(i)], str)]
+    for i in labelled:
+        assert LABELS[str(i)] in page.locator("[data-panel=fcorr]").inner_text()
+    # neuron alignment: the largest decoder entries and the share of the L1 norm they carry together
+    rows = page.locator("[data-panel=alignment] table.neurons tbody tr")
+    want = [["AB"[s], str(d), fmt_num(float(v)), _pct(_f16(fr))] for s, d, v, fr in
+            zip(fs.align_source[fid], fs.align_dim[fid], fs.align_val[fid], fs.align_l1_frac[fid])]
+    assert [r.locator("td").all_inner_texts() for r in rows.all()] == want
+    total = sum(_f16(x) for x in fs.align_l1_frac[fid])
+    assert page.locator("[data-panel=alignment] .align-total").inner_text() == _pct(total)
+    assert abs(total - float(fs.align_l1_frac[fid].sum())) < 2e-3
+    # a link opens the correlated feature
+    target = int(fs.fcorr_ids[fid][0])
+    items.first.locator("a").click()
+    page.wait_for_url(re.compile(rf"/sub/site/f/{target}/index\.html$"))
+    page.wait_for_selector("html[data-ready]")
+
+
+def test_hover_shows_next_token_logit(world, page):
+    """Each example token's tooltip gives its contribution to the next token's logit, per source."""
+    cache = world["cache"]
+    ex = cache.examples
+    st = cache.manifest.settings
+    wb, T = st.window_before, cache.tokens.shape[1]
+    _ready(page, world["bases"]["root"] + "f/0/index.html")
+    tip = page.locator("#tip")
+    checked = 0
+    for e in range(3):
+        seq, pos = int(ex.top_seq[0, e]), int(ex.top_pos[0, e])
+        page.locator("[data-panel=top] .ex").nth(e).locator(".tok.max").hover()
+        tip.wait_for(state="visible")
+        nxt = tip.locator(".tipnext")
+        if pos + 1 >= T:
+            assert nxt.inner_text() == "\u2192 no next token (end of the sequence)"
+            continue
+        vals = ex.top_next_logit[0, e, wb]
+        want = " \u00b7 ".join(f"{_signed(float(v))} {'AB'[s]}" for s, v in enumerate(vals))
+        nt = chip(cache.vocab[int(cache.tokens[seq, pos + 1])])
+        assert nxt.inner_text() == f"\u2192 next token {nt} logit {want}"
+        assert "direct effect" in tip.locator(".tipdef").inner_text()
+        checked += 1
+    assert checked
+    # an inactive token contributes nothing
+    first = page.locator("[data-panel=top] .ex").first
+    zero = first.locator(".tok:not([style])").first
+    zero.hover()
+    assert page.locator("#tip .tipnext").inner_text().endswith(" logit 0") or \
+        page.locator("#tip .tipnext").inner_text().startswith("\u2192 no next token")
+    # interval examples carry them too (iv_next_logit)
+    page.locator("[data-panel=intervals] .tok.centre").first.hover()
+    assert page.locator("#tip .tipnext").count() == 1
+
+
+def test_old_cache_renders_clean(world, page):
+    """A cache without the optional statistics: the page renders, without the new panels or next-token
+    lines, with a clean console (checked by the page fixture); the badge comes from the relative norm."""
+    root = world["root"]
+    cache_dir = write_synthetic_cache(root / "cache-old", n_features=6, vocab_size=200, n_sequences=10, seq_len=40,
+                                      optional_stats=False, seed=2)
+    site = root / "site-old"
+    render_site(cache_dir, site)
+    cache = read_cache(cache_dir)
+    r = float(cache.features.rel_norm[0])
+    _ready(page, site.as_uri() + "/f/0/index.html")
+    for name in ("ncorr", "fcorr", "alignment"):
+        assert page.locator(f"[data-panel={name}]").count() == 0
+    assert page.locator("[data-panel=neighbours] li").count() >= 1
+    assert page.locator("h1 .badge").inner_text() == ("A-only" if r < 0.3 else "B-only" if r > 0.7 else "shared")
+    page.locator("[data-panel=top] .tok.max").first.hover()
+    page.locator("#tip").wait_for(state="visible")
+    assert page.locator("#tip .tipnext").count() == 0
+    _ready(page, site.as_uri() + "/index.html")
+    assert page.locator("#rows td.cls .badge").count() == 6
+
+
 def test_hostile_label_is_text(world, page):
     _ready(page, world["bases"]["root"] + "f/9/index.html")
     assert page.locator("h1 .label").inner_text() == LABELS["9"]
@@ -187,6 +303,12 @@ def test_index_lists_sorts_and_filters(world, page, where):
     assert page.locator("#count").inner_text().startswith(f"{N_FEATURES} of {N_FEATURES} features")
     assert len(_row_ids(page)) < N_FEATURES  # virtualised: only the rows in view exist
     assert sorted(_all_row_ids(page)) == list(range(N_FEATURES))
+    page.evaluate("document.getElementById('table').scrollTop = 0")
+    page.wait_for_timeout(50)
+    words = {0: "A-only", 1: "shared", 2: "B-only"}
+    for tr in page.locator("#rows tr:not(.spacer)").all()[:10]:
+        i = int(tr.locator("td").first.inner_text())
+        assert tr.locator("td.cls .badge").inner_text() == words[int(fs.diff_class[i])]
 
     page.click("th[data-key=density] button")  # descending first
     page.evaluate("document.getElementById('table').scrollTop = 0")
@@ -202,7 +324,9 @@ def test_index_lists_sorts_and_filters(world, page, where):
     page.click("#f-reset")
     page.select_option("#f-cls", "b")
     want_b = np.flatnonzero((fs.density > 0) & (fs.rel_norm > 0.7)).tolist()
+    assert want_b == np.flatnonzero((fs.density > 0) & (fs.diff_class == 2)).tolist()
     assert sorted(_all_row_ids(page)) == want_b
+    assert set(page.locator("#rows td.cls .badge").all_inner_texts()) == {"B-only"}
     assert page.locator("#count").inner_text().startswith(f"{len(want_b)} of")
     page.click("#f-reset")
     page.fill("#f-dmin", "0.01")

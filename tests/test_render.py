@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,87 @@ def test_payload_matches_cache(tiny_site):
     assert p["max"] == pytest.approx(float(cache.features.max_act[0]))
     # the hostile tokens are carried as plain strings
     assert set(HOSTILE_TOKENS) <= set(strings)
+
+
+def _payload(site: Path, fid: int) -> dict:
+    html = (site / "f" / str(fid) / "index.html").read_text("utf-8")
+    return decode_payload(html.split('id="atlas-feature">', 1)[1].split("</script>", 1)[0])
+
+
+def test_payload_optional_stats_match_cache(tiny_site):
+    """Correlated neurons and features, neuron alignment, diff class and next-token logits in the payload
+    are the cache's valid entries, in the cache's order."""
+    cache_dir, _labels, site, _summary = tiny_site
+    cache = read_cache(cache_dir)
+    fs, ex = cache.features, cache.examples
+    S = len(cache.manifest.sources)
+    for f in range(cache.manifest.n_features):
+        p = _payload(site, f)
+        assert p["dc"] == int(fs.diff_class[f])
+        ok = fs.ncorr_dim[f] >= 0
+        assert np.frombuffer(p["xs"], "<u2").tolist() == fs.ncorr_source[f][ok].tolist()
+        assert np.frombuffer(p["xd"], "<u4").tolist() == fs.ncorr_dim[f][ok].tolist()
+        assert np.array_equal(np.frombuffer(p["xv"], "<f2"), fs.ncorr_val[f][ok].astype(np.float16))
+        ok = fs.fcorr_ids[f] >= 0
+        assert np.frombuffer(p["fi"], "<u4").tolist() == fs.fcorr_ids[f][ok].tolist()
+        assert np.array_equal(np.frombuffer(p["fv"], "<f2"), fs.fcorr_val[f][ok].astype(np.float16))
+        assert np.frombuffer(p["as"], "<u2").tolist() == fs.align_source[f].tolist()
+        assert np.frombuffer(p["ad"], "<u4").tolist() == fs.align_dim[f].tolist()
+        assert np.array_equal(np.frombuffer(p["av"], "<f4"), fs.align_val[f])
+        assert np.array_equal(np.frombuffer(p["af"], "<f2"), fs.align_l1_frac[f].astype(np.float16))
+        # next-token logits: S values at each window position with a nonzero activation
+        for key, q_key, nl, seq in (("tn", "ta", ex.top_next_logit[f], ex.top_seq[f]),
+                                    ("in", "ia", ex.iv_next_logit[f], ex.iv_seq[f])):
+            valid = seq >= 0
+            q = np.frombuffer(p[q_key], np.uint8).reshape(-1, cache.manifest.settings.window)
+            got = np.frombuffer(p[key], "<f2").reshape(-1, S)
+            want = nl[valid][q > 0]
+            assert np.array_equal(got, want.astype(np.float16))
+            assert np.all(nl[valid][q == 0] == 0)  # nothing dropped: zero activation, zero contribution
+    # feature 0's labels of its correlated features follow the site's labels
+    p0 = _payload(site, 0)
+    labels = {0: "Hostile <b>label</b> & co", 3: "numbers"}
+    assert p0["fl"] == [labels.get(i, "") for i in np.frombuffer(p0["fi"], "<u4").tolist()]
+
+
+def test_diff_class_is_one_value_everywhere(tiny_site):
+    """The page badge, the index chunk's class column and the overview's class counts agree with the
+    cache's diff_class."""
+    cache_dir, _labels, site, _summary = tiny_site
+    cache = read_cache(cache_dir)
+    fs = cache.features
+    chunk = read_chunk_script((site / "data" / "index" / "0.js").read_bytes())[1]
+    assert np.frombuffer(chunk["dc"], np.int8).tolist() == fs.diff_class.tolist()
+    text = {0: ("a", "A-only"), 1: ("shared", "shared"), 2: ("b", "B-only")}
+    for f in range(cache.manifest.n_features):
+        html = (site / "f" / str(f) / "index.html").read_text("utf-8")
+        key, word = text[int(fs.diff_class[f])]
+        assert f'<span class="badge diff-{key}" id="diff-class"' in html and f">{word}</span></h1>" in html
+    diff = (site / "diff" / "index.html").read_text("utf-8")
+    alive = fs.n_active > 0
+    for word, k in (("model-A-only", 0), ("shared", 1), ("model-B-only", 2)):
+        n = int(((fs.diff_class == k) & alive).sum())
+        assert f'>{word}</a> <span class="num">{n}</span>' in diff
+
+
+def test_cache_without_optional_fields(tmp_path):
+    """A cache written before the optional statistics existed renders: no optional payload keys, and the
+    diff class is derived from the relative norm with the default thresholds."""
+    cache = write_synthetic_cache(tmp_path / "cache", n_features=8, vocab_size=120, n_sequences=8, seq_len=40,
+                                  optional_stats=False, seed=5)
+    c = read_cache(cache)
+    assert c.features.diff_class is None and c.examples.top_next_logit is None
+    site = tmp_path / "site"
+    render_site(cache, site)
+    assert verify_site(site) == []
+    r = c.features.rel_norm
+    want = np.where(r < np.float32(0.3), 0, np.where(r > np.float32(0.7), 2, 1))
+    for f in range(8):
+        p = _payload(site, f)
+        assert not {"xs", "xd", "xv", "fi", "fv", "fl", "as", "ad", "av", "af", "tn", "in"} & set(p)
+        assert p["dc"] == want[f]
+    chunk = read_chunk_script((site / "data" / "index" / "0.js").read_bytes())[1]
+    assert np.frombuffer(chunk["dc"], np.int8).tolist() == want.tolist()
 
 
 def test_features_csv_and_sitemap(tiny_site):

@@ -37,6 +37,10 @@ def _jsonable(x):
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
+def _jsonable_list(arr: np.ndarray) -> list:
+    return [_jsonable(float(x)) if arr.dtype.kind == "f" else int(x) for x in arr]
+
+
 def _write_fixture(folder: Path) -> None:
     bins = {
         "u1": (np.array([0, 1, 127, 255]), "u1"),
@@ -44,6 +48,7 @@ def _write_fixture(folder: Path) -> None:
         "u4": (np.array([0, 70000, 2**32 - 1]), "u4"),
         "f2": (np.array([0.0, 1.5, -2.25, 0.0001, 65504.0]), "f2"),
         "f4": (np.array([3.14159, -1e-20, 1e20, np.nan]), "f4"),
+        "i1": (np.array([-1, 0, 1, 2, -128, 127]), "i1"),
     }
     sample = {
         "int": 123456, "neg": -7, "float": 0.25, "none": None,
@@ -56,7 +61,7 @@ def _write_fixture(folder: Path) -> None:
     (folder / "sample.js").write_bytes(chunk_script("sample", obj))
 
     cache = write_synthetic_cache(folder / "cache", n_features=5, vocab_size=300, n_sequences=12, seq_len=40,
-                                  hostile_text=True)
+                                  hostile_text=True, next_token_effects="all")
     site = folder / "site"
     render_site(cache, site)
     html = (site / "f" / "0" / "index.html").read_text("utf-8")
@@ -66,6 +71,7 @@ def _write_fixture(folder: Path) -> None:
     meta = json.loads((site / "data" / "meta.js").read_text("ascii")[len("Atlas.meta("):-3])
     kind = "<u2" if meta["vocab"]["id_bytes"] == 2 else "<u4"
     shutil.copy(site / "data" / "vocab" / "0.js", folder / "vocab0.js")
+    shutil.copy(site / "data" / "index" / "0.js", folder / "index0.js")
     shutil.copy(site / "data" / "vocab" / "ids0.js", folder / "ids0.js")
     _, vocab0 = read_chunk_script((site / "data" / "vocab" / "0.js").read_bytes())
     _, ids0 = read_chunk_script((site / "data" / "vocab" / "ids0.js").read_bytes())
@@ -77,7 +83,17 @@ def _write_fixture(folder: Path) -> None:
             "id": p["id"], "max": p["max"], "id_bytes": meta["vocab"]["id_bytes"],
             "tt": np.frombuffer(p["tt"], kind).tolist(), "ta": list(p["ta"]), "ig": list(p["ig"]),
             "vs": p["vs"], "h": p["h"], "iv": np.frombuffer(p["iv"], "<f2").astype(float).tolist(),
+            "dc": p["dc"], "n_sources": 2,
+            # the optional statistics: key -> [reader, values]
+            "optional": {key: [kind, _jsonable_list(np.frombuffer(p[key], dt))] for key, kind, dt in (
+                ("xs", "u2", "<u2"), ("xd", "u4", "<u4"), ("xv", "f2", "<f2"), ("fi", "u4", "<u4"),
+                ("fv", "f2", "<f2"), ("as", "u2", "<u2"), ("ad", "u4", "<u4"), ("av", "f4", "<f4"),
+                ("af", "f2", "<f2"), ("tn", "f2", "<f2"), ("in", "f2", "<f2"))},
+            "n_active_ta": int((np.frombuffer(p["ta"], np.uint8) > 0).sum()),
+            "n_active_ia": int((np.frombuffer(p["ia"], np.uint8) > 0).sum()),
         },
+        "index_dc": np.frombuffer(read_chunk_script((site / "data" / "index" / "0.js").read_bytes())[1]["dc"],
+                                  np.int8).tolist(),
         "vocab0": {"s": vocab0["s"], "o": np.frombuffer(ids0["o"], "<u4").tolist()},
         "search": {
             "tokens": [{"raw": t, "key": token_key(t)} for t in TRICKY_TOKENS],
@@ -87,7 +103,8 @@ def _write_fixture(folder: Path) -> None:
             "labels": [{"text": t, "words": label_words(t)} for t in LABELS],
         },
         "fmt": [{"x": x, "digits": d, "text": fmt_num(x, d)}
-                for x in (0.0, 1.0, 3.14159, 12345.678, 0.000123456, 1e-7, 2.5e10, -0.5, 99.95, 123.0)
+                for x in (0.0, 1.0, 3.14159, 12345.678, 0.000123456, 1e-7, 2.5e10, -0.5, 99.95, 123.0, 6.19e-5,
+                          -1.5e-5, 9.9996e-5, 0.00099996, 999.6, 99999.0, 1e-6, 0.1)
                 for d in (3, 4)],
         "visible": [{"raw": t, "visible": visible(t), "chip": chip(t)} for t in TRICKY_TOKENS + [""]],
     }

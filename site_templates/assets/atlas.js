@@ -174,12 +174,14 @@
     digits = digits || 3;
     if (x === null || x === undefined || !isFinite(x)) return "\u2013";
     if (x === 0) return "0";
-    var s = Number(x).toPrecision(digits);
-    if (s.indexOf("e") >= 0) {
-      var parts = s.split("e"), m = parts[0];
+    // Python's "{:.{digits}g}": exponent notation when the rounded exponent is < -4 or >= digits
+    var parts = Number(x).toExponential(digits - 1).split("e"), exp = parseInt(parts[1], 10), s;
+    if (exp < -4 || exp >= digits) {
+      var m = parts[0];
       if (m.indexOf(".") >= 0) m = m.replace(/0+$/, "").replace(/\.$/, "");
-      return m + "e" + parseInt(parts[1], 10);
+      return m + "e" + exp;
     }
+    s = Number(x).toFixed(Math.max(0, digits - 1 - exp));
     if (s.indexOf(".") >= 0) s = s.replace(/0+$/, "").replace(/\.$/, "");
     return s;
   };

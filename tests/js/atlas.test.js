@@ -22,7 +22,7 @@ function runDataScript(file) {
   return call;
 }
 
-const readers = { u1: Atlas.u8, u2: Atlas.u16, u4: Atlas.u32, f2: Atlas.f16, f4: Atlas.f32 };
+const readers = { u1: Atlas.u8, u2: Atlas.u16, u4: Atlas.u32, f2: Atlas.f16, f4: Atlas.f32, i1: Atlas.i8 };
 
 test("fixture present", { skip: !fixture && "ATLAS_JS_FIXTURE not set (run through pytest)" }, () => {
   assert.ok(fs.existsSync(path.join(fixture, "expected.json")));
@@ -65,6 +65,28 @@ test("decodes the payload embedded in a rendered feature page", { skip: !fixture
   assert.deepEqual(p.vs, exp.vs);
   assert.deepEqual(p.h, exp.h);
   Array.from(Atlas.f16(p.iv)).forEach((v, i) => assert.ok(Math.abs(v - exp.iv[i]) < 1e-6));
+});
+
+test("decodes the optional statistics of a feature payload and the index classes", { skip: !fixture }, async () => {
+  const html = fs.readFileSync(path.join(fixture, "feature.html"), "utf8");
+  const m = /<script type="application\/x-atlas" id="atlas-feature">([A-Za-z0-9+/=]+)<\/script>/.exec(html);
+  const p = await Atlas.decode(m[1]);
+  const exp = expected.feature;
+  assert.equal(p.dc, exp.dc);
+  for (const [key, [kind, want]] of Object.entries(exp.optional)) {
+    assert.ok(p[key] instanceof Uint8Array, `${key} is a bin value`);
+    const got = Array.from(readers[kind](p[key]));
+    assert.equal(got.length, want.length, key);
+    want.forEach((w, i) => {
+      if (w === null) assert.ok(Number.isNaN(got[i]), `${key}[${i}] is NaN`);
+      else assert.ok(Math.abs(got[i] - w) <= Math.abs(w) * 1e-6 + 1e-12, `${key}[${i}]: ${got[i]} vs ${w}`);
+    });
+  }
+  // one value per source at each window position with a nonzero quantised activation
+  assert.equal(exp.optional.tn[1].length, exp.n_active_ta * exp.n_sources);
+  assert.equal(exp.optional.in[1].length, exp.n_active_ia * exp.n_sources);
+  const chunk = await Atlas.decode(runDataScript(path.join(fixture, "index0.js")).b64);
+  assert.deepEqual(Array.from(Atlas.i8(chunk.dc)), expected.index_dc);
 });
 
 test("vocab shard strings and token ids survive the round trip", { skip: !fixture }, async () => {
