@@ -17,8 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -519,7 +517,7 @@ def test_render_killed_midway_keeps_the_previous_site_and_the_next_render_cleans
     (site / "index.html").write_text("<p>the published atlas</p>", "utf-8")
     before = files(tmp_path / "www")
 
-    pid = _fork_atlas(["render", str(cache), "-o", str(site), "--title", "New"], tmp_path / "render.log")
+    proc = _spawn_atlas(["render", str(cache), "-o", str(site), "--title", "New"], tmp_path / "render.log")
     try:
         deadline = time.monotonic() + 60
         staged = []
@@ -528,9 +526,9 @@ def test_render_killed_midway_keeps_the_previous_site_and_the_next_render_cleans
             if staged and len(os.listdir(staged[0] / "f")) >= 50:
                 break
             time.sleep(0.01)
-        os.kill(pid, signal.SIGKILL)
+        proc.kill()
     finally:
-        code = _exit_code(pid)
+        code = _exit_code(proc)
     assert code == -signal.SIGKILL, (tmp_path / "render.log").read_text()
     assert staged and staged[0].is_dir(), "the render was not killed while it wrote pages"
     assert files(site) == {k[len("site/"):]: v for k, v in before.items() if k.startswith("site/")}
@@ -554,31 +552,18 @@ def test_temporary_files_of_a_killed_analysis_are_removed(capsys, out, tiny_worl
 # --------------------------------------------------------------------------- interrupted analysis
 
 
-def _fork_atlas(argv: list[str], log: Path) -> int:
-    """Start ``atlas ARGV`` in a forked copy of this process (a real process that signals reach, with the
-    modules already loaded), its output going to ``log``; returns its pid. The child never returns here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (Python >= 3.12)
-        pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        code = main(argv)
-    except BaseException:  # noqa: BLE001 - reported in the log, which the test reads
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        os._exit(code)
+def _spawn_atlas(argv: list[str], log: Path) -> subprocess.Popen:
+    """Start ``atlas ARGV`` in a new interpreter (a real process that signals reach), its output going to
+    ``log``. A fresh interpreter, not a fork of this one: a fork inherits torch's thread pools in whatever
+    state the earlier tests left them, and can hang."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log, "wb") as fh:
+        return subprocess.Popen([sys.executable, "-m", "atlas.cli", *argv], stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env)
 
 
-def _exit_code(pid: int) -> int:
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+def _exit_code(proc: subprocess.Popen) -> int:
+    return proc.wait()
 
 
 def _analyze_argv(world, cache: Path) -> list[str]:
@@ -590,7 +575,7 @@ def test_interrupted_analysis_resumes_to_the_same_cache(previous, tiny_world, tm
     """SIGINT, SIGTERM and SIGKILL in the middle of `atlas analyze` runs; each rerun resumes from the saved
     state and ends with the cache of an uninterrupted run."""
     signals = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
-    pids = {name: _fork_atlas(_analyze_argv(tiny_world, tmp_path / name) + ["--save-every", "5"],
+    procs = {name: _spawn_atlas(_analyze_argv(tiny_world, tmp_path / name) + ["--save-every", "5"],
                               tmp_path / f"{name}.log") for name in signals}
     try:
         waiting = dict(signals)
@@ -599,14 +584,14 @@ def test_interrupted_analysis_resumes_to_the_same_cache(previous, tiny_world, tm
             for name, sig in list(waiting.items()):
                 if (tmp_path / name / "state" / "summaries.pt").exists():
                     time.sleep(0.05)  # a few more batches
-                    os.kill(pids[name], sig)
+                    procs[name].send_signal(sig)
                     del waiting[name]
             time.sleep(0.01)
         for name in waiting:
-            os.kill(pids[name], signal.SIGKILL)
+            procs[name].kill()
         assert not waiting, f"no analysis state was saved by {sorted(waiting)}"
     finally:
-        codes = {name: _exit_code(pid) for name, pid in pids.items()}
+        codes = {name: _exit_code(proc) for name, proc in procs.items()}
     for name, sig in signals.items():
         log = (tmp_path / f"{name}.log").read_text("utf-8")
         assert "Traceback" not in log, log
