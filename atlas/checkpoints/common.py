@@ -83,8 +83,8 @@ def cfg_int(cfg: dict, key: str, cfg_path, actual: int, what: str) -> None:
     value = cfg[key]
     try:
         value = int(value)
-    except (TypeError, ValueError):
-        raise AtlasError(f"{cfg_path}: {key} = {cfg[key]!r} is not a number; fix the config") from None
+    except (TypeError, ValueError, OverflowError):
+        raise AtlasError(f"{cfg_path}: {key} = {cfg[key]!r} is not a whole number; fix the config") from None
     if value != actual:
         raise AtlasError(
             f"{cfg_path} says {key} = {value} but the weights have {what} = {actual}; the config belongs to "
@@ -351,9 +351,13 @@ def validate(cc: Crosscoder, raw: RawCheckpoint) -> None:
             )
         cc.threshold = cc.threshold.reshape(())
     elif cc.activation == "topk":
-        if cc.k is None or not (0 < int(cc.k)):
-            raise AtlasError(f"{raw.path}: a TopK checkpoint needs k > 0 (found {cc.k}); set k in its config")
-        cc.k = int(cc.k)
+        try:
+            k = int(cc.k)
+        except (TypeError, ValueError, OverflowError):
+            k = 0
+        if k <= 0 or k != cc.k:
+            raise AtlasError(f"{raw.path}: a TopK checkpoint needs a whole k > 0 (found {cc.k}); set k in its config")
+        cc.k = k
         if cc.k > F:
             raise AtlasError(f"{raw.path}: k = {cc.k} exceeds the dictionary size {F}; the config belongs to another checkpoint")
     for src in cc.sources:
