@@ -42,3 +42,26 @@ def test_interval_keys_split_in_two_halves():
     keys = interval_keys(3, gtok, f)
     assert torch.equal(keys >> 31, _mix31(3, gtok, f, _MIX[0]))
     assert torch.equal(keys & (2**31 - 1), _mix31(3, gtok, f, _MIX[1]))
+
+
+def test_interval_rescaling_in_blocks_changes_nothing(monkeypatch):
+    from atlas.cache import Settings
+    from atlas.stats import FeatureSummaries
+    from atlas.stats.intervals import IntervalSamples
+
+    settings = Settings(top_k=2, n_intervals=2, interval_k=2, window_before=2, window_after=1)
+    g = torch.Generator().manual_seed(1)
+    acts = torch.relu(torch.randn(12, 9, 11, generator=g)) * torch.logspace(-2, 3, 12)[:, None, None]
+    counted = torch.ones(12, 9, dtype=torch.bool)
+
+    def run():
+        s = FeatureSummaries(11, settings, 0)
+        for lo in range(0, 12, 2):
+            s.update(acts[lo:lo + 2].clone(), counted[lo:lo + 2], lo)
+        return s.finalize()
+
+    whole = run()
+    monkeypatch.setattr(IntervalSamples, "HALVE_BLOCK", 2 * 4 * 2 * 4)  # 2 features per block
+    blocked = run()
+    for name in whole:
+        np.testing.assert_array_equal(blocked[name], whole[name], err_msg=name)

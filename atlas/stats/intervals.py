@@ -70,6 +70,7 @@ class IntervalSamples:
     ``window [F, G, k, W]`` (fp16) and the scale exponent ``exponent[F]``."""
 
     FIELDS = ("key", "seq", "pos", "act", "window", "exponent")
+    HALVE_BLOCK = 2**24  # slot elements (windows included) halved at once
 
     def __init__(self, n_features: int, n_intervals: int, k: int, before: int, after: int, seed: int,
                  device=None, feature_offset: int = 0):
@@ -130,9 +131,12 @@ class IntervalSamples:
         unset = self.exponent == UNSET
         steps = torch.where(unset, 0, target - self.exponent)
         self.exponent = torch.where(unset, target, torch.maximum(self.exponent, target))
+        # features in blocks: halving copies their slots (windows included) a few times over
+        block = max(1, self.HALVE_BLOCK // max(self.window[0].numel(), 1))
         while bool((steps > 0).any()):
             idx = (steps > 0).nonzero(as_tuple=True)[0]
-            self._halve(idx)
+            for lo in range(0, idx.numel(), block):
+                self._halve(idx[lo:lo + block])
             steps[idx] -= 1
 
     def _halve(self, idx: torch.Tensor) -> None:
