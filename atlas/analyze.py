@@ -240,13 +240,14 @@ def estimate_input_scale(batches: list[torch.Tensor], masks: list[torch.Tensor])
     return combine_scale([scale_contribution(x, m) for x, m in zip(batches, masks)], batches[0].shape[-1])
 
 
-def _save_state(path: Path, state: dict) -> None:
+def save_torch_atomic(path: Path, obj) -> None:
+    """``torch.save`` through a temporary file in the same folder and a rename (resume files, shards)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".summaries.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # through a Python file object: a full disk then raises OSError(ENOSPC), not an opaque RuntimeError
         with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
+            torch.save(obj, fh)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -501,7 +502,7 @@ def _fold(plan: Plan, summaries, stream, encode, state_path: Path, input_scale, 
     since_save, done = 0, first_batch
 
     def save(batches: int) -> None:
-        _save_state(state_path, {"fingerprint": plan.fingerprint, "batches_done": batches,
+        save_torch_atomic(state_path, {"fingerprint": plan.fingerprint, "batches_done": batches,
                                  "batches": list(plan.mine), "input_scale": input_scale,
                                  "summaries": summaries.state_dict()})
 

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ import numpy as np
 import torch
 
 from . import cache as cache_format
+from .analyze import save_torch_atomic
 from .errors import AtlasError
 
 SHARD_FILE = "shard.json"
@@ -70,25 +69,14 @@ class ShardInfo:
         return f"{self.shard}/{self.n_shards}"
 
 
-def _torch_save(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_shard(folder: Path, plan, summaries, inputs, manifest) -> "cache_format.Manifest":
     """Write shard ``plan.shard`` into ``folder`` (``inputs``: FinishInputs, for shard 0). Returns ``manifest``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SHARD_FILE).unlink(missing_ok=True)  # an older shard must not pass for this one meanwhile
-    _torch_save(folder / SUMMARIES_FILE, {"summaries": summaries.state_dict()})
+    save_torch_atomic(folder / SUMMARIES_FILE, {"summaries": summaries.state_dict()})
     if inputs is not None:
-        _torch_save(folder / FINISH_FILE, {
+        save_torch_atomic(folder / FINISH_FILE, {
             "W_dec": inputs.W_dec.detach().float().cpu(),
             "unembeddings": [u.detach().float().cpu() for u in inputs.unembeddings],
             "neighbours": None if inputs.neighbours is None else
