@@ -57,8 +57,10 @@ $(STAMP_TEST): pyproject.toml $(STAMP_TORCH)
 
 install: $(STAMP_TEST)
 
+# All features of the demo crosscoder (-n 0); its corpus joins documents with chat-template markers,
+# which --exclude-special keeps out of the statistics.
 demo: $(STAMP_DEMO)
-	$(BIN)/atlas build -o $(SITE)
+	$(BIN)/atlas build -o $(SITE) -n 0 --exclude-special
 
 # The browser tests drive Debian's Chromium (Playwright's own browser download is not used).
 chromium:

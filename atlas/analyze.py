@@ -64,6 +64,7 @@ class AnalysisOptions:
     batch_size: int = 16
     top_k: int = 20
     exclude_bos: bool = True
+    exclude_special: bool = False  # also leave out every special token (EOS, pad, chat-template markers)
     seed: int = 0
     dataset: str = ""
     n_intervals: int = 10
@@ -204,11 +205,16 @@ def fingerprint(inputs_fp: str, first: int, stop: int, among: int) -> str:
     return hashlib.blake2b(f"{inputs_fp}:{first}:{stop}:{among}".encode(), digest_size=16).hexdigest()
 
 
-def counted_mask(tokens: torch.Tensor, bos_token_id: int | None, exclude_bos: bool) -> torch.Tensor:
-    """``[N, T]`` bool: the tokens that enter the statistics (all but BOS when it is excluded)."""
+def counted_mask(tokens: torch.Tensor, bos_token_id: int | None, exclude_bos: bool,
+                 special_ids: set[int] | frozenset = frozenset()) -> torch.Tensor:
+    """``[N, T]`` bool: the tokens that enter the statistics: all but BOS when it is excluded, and but the
+    ``special_ids`` given (``--exclude-special``)."""
+    excluded = set(special_ids)
     if exclude_bos and bos_token_id is not None:
-        return tokens != bos_token_id
-    return torch.ones_like(tokens, dtype=torch.bool)
+        excluded.add(int(bos_token_id))
+    if not excluded:
+        return torch.ones_like(tokens, dtype=torch.bool)
+    return ~torch.isin(tokens, torch.tensor(sorted(excluded), dtype=tokens.dtype))
 
 
 def _check_finite(x: torch.Tensor, what: str, lo: int, hi: int, fix: str) -> None:
@@ -393,6 +399,7 @@ def prepare(crosscoder, models, tokens: torch.Tensor, options: AnalysisOptions, 
         top_k=options.top_k, n_intervals=options.n_intervals, interval_k=options.interval_k,
         window_before=options.window_before, window_after=options.window_after, logit_k=options.logit_k,
         n_neighbours=options.n_neighbours, seq_len=T, n_sequences=N, exclude_bos=options.exclude_bos,
+        exclude_special=options.exclude_special,
         n_align=options.n_align, n_corr_neurons=options.n_corr_neurons if options.neuron_correlations else 0,
         n_corr_candidates=options.corr_candidates, n_corr_features=options.n_corr_features,
         diff_shared_lo=float(options.diff_shared[0]), diff_shared_hi=float(options.diff_shared[1]),
@@ -511,8 +518,9 @@ def _fold(plan: Plan, summaries, stream, encode, state_path: Path, input_scale, 
             acts = encode(x)
             _check_finite(acts, "the crosscoder's feature activations", lo, hi,
                           "check the checkpoint's weights and the input scale (--scale)")
-            counted = counted_mask(plan.tokens[lo:hi], plan.models.bos_token_id,
-                                   plan.options.exclude_bos).to(acts.device)
+            counted = counted_mask(plan.tokens[lo:hi], plan.models.bos_token_id, plan.options.exclude_bos,
+                                   plan.models.special_ids if plan.options.exclude_special else ()
+                                   ).to(acts.device)
             done = None  # the summaries are mid-update until the batch is folded in
             summaries.update(acts, counted, seq_offset=lo, x=x)
             done = b_idx + 1

@@ -120,6 +120,7 @@ def _analyze(args, cache_dir: Path, comm, device_arg, features, shard):
         batch_size=args.batch_size,
         top_k=args.top_k,
         exclude_bos=not args.include_bos,
+        exclude_special=args.exclude_special,
         seed=args.seed,
         dataset=args.dataset or "demo corpus",
         save_every=args.save_every,

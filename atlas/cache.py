@@ -116,6 +116,7 @@ class Settings:
     seq_len: int = 128
     n_sequences: int = 100
     exclude_bos: bool = True
+    exclude_special: bool = False  # every special token of the tokenizer left out of the statistics
     n_align: int = 10  # neuron alignment: largest decoder entries per feature
     n_corr_neurons: int = 10  # correlated neurons per feature (0: not computed)
     n_corr_candidates: int = 16  # decoder-cosine neighbours whose correlation is computed

@@ -70,6 +70,9 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
                    help="top activating examples kept per feature (default: 20)")
     p.add_argument("--include-bos", action="store_true",
                    help="count beginning-of-sequence tokens in the statistics (excluded by default)")
+    p.add_argument("--exclude-special", action="store_true",
+                   help="leave every special token of the tokenizer (end-of-text, padding, chat-template "
+                   "markers such as <|im_start|>) out of the statistics, as BOS is")
     p.add_argument("--seed", type=int, default=0, help="seed for corpus sampling and interval sampling (default: 0)")
     p.add_argument("--features", default=None, metavar="A:B",
                    help="analyse features A..B-1 only, a slice of the dictionary for one device or job (wins "

@@ -405,3 +405,24 @@ def test_feature_slice_correlates_within_the_slice(diff_setup, diff_cache, brute
     np.testing.assert_array_equal(fs.ncorr_source, full.features.ncorr_source[8:24])
     np.testing.assert_allclose(fs.ncorr_val, full.features.ncorr_val[8:24], atol=1e-6)
     np.testing.assert_array_equal(fs.align_dim, full.features.align_dim[8:24])
+
+
+def test_exclude_special_leaves_every_special_token_out(diff_setup, tmp_path, capsys):
+    cc, models, tokens = diff_setup
+    special = sorted(models.special_ids)
+    eos = models.tokenizer.eos_token_id
+    assert eos in special
+    tokens = tokens.clone()
+    tokens[:, 7::9] = eos  # documents joined with EOS, as the corpus loader does
+    options = dataclasses.replace(OPTIONS, exclude_special=True)
+    manifest = run_analysis(cc, models, tokens, options, tmp_path / "special", CPU, torch.float32)
+    plain = run_analysis(cc, models, tokens, OPTIONS, tmp_path / "plain", CPU, torch.float32)
+    capsys.readouterr()
+    assert manifest.n_tokens == int((~torch.isin(tokens, torch.tensor(special))).sum())
+    assert plain.n_tokens == int((tokens != models.bos_token_id).sum()) > manifest.n_tokens
+    cache = read_cache(tmp_path / "special")
+    assert cache.manifest.settings.exclude_special
+    ex = cache.examples
+    used = ex.top_seq >= 0
+    centre = cache.tokens[ex.top_seq[used], ex.top_pos[used]]
+    assert used.any() and not set(centre.tolist()) & set(special)  # no top example sits on a special token
