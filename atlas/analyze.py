@@ -30,6 +30,7 @@ and ends with the same cache as an uninterrupted run. The folder is removed once
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import itertools
 import json
@@ -459,6 +460,9 @@ def _extracted(plan: Plan, batches):
         lo, hi = plan.sequences(b)
         ids = plan.tokens[lo:hi]
         x = plan.models.extract(ids, torch.ones_like(ids))
+        # a trace leaves reference cycles (NNsight's tracer objects) that hold the batch's tensors: free
+        # them now, so that peak memory does not depend on when Python's cycle collector next runs
+        gc.collect(0)
         _check_finite(x, "the models' activations", lo, hi, "try --dtype float32")
         yield b, lo, hi, x
 
