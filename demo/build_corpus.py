@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pydoc-chars", type=int, default=2500, help="maximum characters per pydoc chunk")
     ap.add_argument("--max-bytes", type=int, default=2_000_000, help="fail if the output is larger")
     ap.add_argument("-o", "--output", type=Path, default=OUT)
+    ap.add_argument("--no-provenance", action="store_true", help="do not update demo/provenance.json")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,6 +155,20 @@ def main(argv=None) -> int:
     args.output.write_bytes(data)
     n_brown_chars = sum(len(d["text"]) for d in brown)
     n_pydoc_chars = sum(len(d["text"]) for d in pydoc)
+    if not args.no_provenance:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import common
+
+        common.update_provenance("corpus", {
+            "file": "atlas/demo/corpus.jsonl", "bytes": len(data), "documents": len(docs),
+            "brown": {"documents": len(brown), "chars": n_brown_chars, "source": f"npm {BROWN_PACKAGE}",
+                      "excerpt": f"first {args.brown_chars} characters (whole sentences) of each document, "
+                                 "tags stripped, detokenised"},
+            "pydoc": {"documents": len(pydoc), "chars": n_pydoc_chars, "topics": len({d["id"].split("#")[0] for d in pydoc}),
+                      "source": f"pydoc_data.topics of Python {sys.version.split()[0]}",
+                      "chunking": f"paragraph boundaries, at most {args.pydoc_chars} characters"},
+            "order": "Brown documents in file order with Python-docs chunks interleaved evenly",
+        })
     print(f"wrote {args.output}: {len(docs)} documents ({len(brown)} brown, {n_brown_chars:,} chars; "
           f"{len(pydoc)} pydoc, {n_pydoc_chars:,} chars), {len(data):,} bytes, Python {sys.version.split()[0]}")
     return 0
