@@ -7,7 +7,7 @@ factors A, B are saved (safetensors, float16, ``<module>.lora_A`` / ``<module>.l
 in the metadata); ``atlas.demo.resolve_model`` merges them into the base weights at load time, so
 loading needs no LoRA library. The evaluation at the end loads the variant exactly that way.
 
-    python demo/finetune_variant.py                 # CPU, about 10 minutes on 2 cores
+    python demo/finetune_variant.py                 # CPU: ~10 min on 2 idle cores (23 min on a busy machine)
     python demo/finetune_variant.py --device cuda
 
 Deterministic for a given seed, device and thread count. Writes the ``variant`` section of
