@@ -1,6 +1,6 @@
 """Screenshots of a built atlas for the docs (docs/img/), taken in headless Chromium.
 
-    python demo/screenshots.py site/ docs/img/ --feature 638 --feature 2788
+    python demo/screenshots.py site/ docs/img/ --feature 2510 --feature 2788
 
 Each feature page is captured once its panels are drawn; also the index and the model-diff overview.
 """
