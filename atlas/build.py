@@ -121,6 +121,8 @@ def _analyze(args, cache_dir: Path, comm, device_arg, features, shard):
         top_k=args.top_k,
         exclude_bos=not args.include_bos,
         exclude_special=args.exclude_special,
+        neuron_correlations=not args.no_neuron_correlations,
+        next_token_effects=args.next_token_effects,
         seed=args.seed,
         dataset=args.dataset or "demo corpus",
         save_every=args.save_every,

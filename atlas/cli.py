@@ -70,6 +70,12 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
                    help="top activating examples kept per feature (default: 20)")
     p.add_argument("--include-bos", action="store_true",
                    help="count beginning-of-sequence tokens in the statistics (excluded by default)")
+    p.add_argument("--no-neuron-correlations", action="store_true",
+                   help="skip the correlated-neurons panel (saves a float32 [features × sources·d] sum on "
+                   "the device: 1.8 GB at 100k features × 2 × 2304)")
+    p.add_argument("--next-token-effects", choices=["top", "all", "none"], default="top",
+                   help="which example windows get each token's effect on the next token's logit, shown "
+                   "on hover: top examples, all (interval samples too), none (default: top)")
     p.add_argument("--exclude-special", action="store_true",
                    help="leave every special token of the tokenizer (end-of-text, padding, chat-template "
                    "markers such as <|im_start|>) out of the statistics, as BOS is")

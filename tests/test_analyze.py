@@ -426,3 +426,22 @@ def test_exclude_special_leaves_every_special_token_out(diff_setup, tmp_path, ca
     used = ex.top_seq >= 0
     centre = cache.tokens[ex.top_seq[used], ex.top_pos[used]]
     assert used.any() and not set(centre.tolist()) & set(special)  # no top example sits on a special token
+
+
+def test_cli_switches_for_optional_statistics(tiny_world, tmp_path, capsys):
+    from atlas.cli import main
+
+    argv = ["analyze", str(tiny_world.sae_ckpt), "--dataset", str(tiny_world.corpus_jsonl), "-n", "0",
+            "-s", "12", "--seq-len", "32", "--device", "cpu"]
+    assert main(argv + ["-o", str(tmp_path / "default")]) == 0
+    assert main(argv + ["-o", str(tmp_path / "switched"), "--no-neuron-correlations",
+                        "--next-token-effects", "all"]) == 0
+    capsys.readouterr()
+    default, switched = read_cache(tmp_path / "default"), read_cache(tmp_path / "switched")
+    assert default.manifest.settings.n_corr_neurons > 0 and default.features.ncorr_val is not None
+    assert switched.manifest.settings.n_corr_neurons == 0
+    assert switched.features.ncorr_val is None or switched.features.ncorr_val.size == 0
+    assert default.examples.iv_next_logit is None and switched.examples.iv_next_logit is not None
+    # the switches change nothing else
+    np.testing.assert_array_equal(default.features.density, switched.features.density)
+    np.testing.assert_array_equal(default.examples.top_seq, switched.examples.top_seq)
