@@ -66,3 +66,17 @@ def tiny_sae_ckpt(tiny_world) -> Path:
 @pytest.fixture(scope="session")
 def tiny_crosscoder_ckpt(tiny_world) -> Path:
     return tiny_world.crosscoder_ckpt
+
+
+@pytest.fixture(scope="session")
+def diff_setup(tiny_world):
+    """A two-model crosscoder (Llama base vs perturbed copy), its models, and 22 sequences of 24 tokens."""
+    from atlas.corpus import load_corpus
+    from atlas.models import load_models
+    from factory import crosscoder_from_ckkissane
+
+    a, b = str(tiny_world.llama_dir), str(tiny_world.llama_chat_dir)
+    cc = crosscoder_from_ckkissane(tiny_world.crosscoder_ckpt, [a, b])
+    models = load_models(cc.sources, torch.device("cpu"), torch.float32)
+    tokens = load_corpus(str(tiny_world.corpus_jsonl), models.tokenizer, n_sequences=22, seq_len=24, seed=1)
+    return cc, models, tokens

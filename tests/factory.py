@@ -298,3 +298,12 @@ def crosscoder_from_ckkissane(path: Path, models: list[str | Path], hook_point: 
         b_dec=sd["b_dec"].float(), sources=[Source(str(m), hook_point) for m in models],
         activation="relu", input_scale=input_scale, format="ckkissane", path=str(path),
     )
+
+
+def small_analysis_options():
+    """Analysis options sized for the tiny world (few examples, short windows, no progress bar)."""
+    from atlas.analyze import AnalysisOptions
+
+    return AnalysisOptions(n_features=0, batch_size=5, top_k=5, seed=3, dataset="tiny", n_intervals=4,
+                           interval_k=3, window_before=4, window_after=2, logit_k=6, logit_hist_bins=9,
+                           n_neighbours=3, scale_batches=2, progress=False)

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from factory import crosscoder_from_ckkissane, resid_post
+from factory import crosscoder_from_ckkissane, resid_post, small_analysis_options
 from transformers import AutoModelForCausalLM
 
-from atlas.analyze import AnalysisOptions, run_analysis
+from atlas.analyze import run_analysis
 from atlas.cache import read_cache
 from atlas.corpus import load_corpus
 from atlas.crosscoder import Source
@@ -19,19 +19,7 @@ from atlas.errors import AtlasError
 from atlas.models import load_models
 
 CPU = torch.device("cpu")
-OPTIONS = AnalysisOptions(n_features=0, batch_size=5, top_k=5, seed=3, dataset="tiny", n_intervals=4,
-                          interval_k=3, window_before=4, window_after=2, logit_k=6, logit_hist_bins=9,
-                          n_neighbours=3, scale_batches=2, progress=False)
-
-
-@pytest.fixture(scope="module")
-def diff_setup(tiny_world):
-    """A two-model crosscoder (Llama base vs perturbed copy), its models, and 22 sequences of 24 tokens."""
-    a, b = str(tiny_world.llama_dir), str(tiny_world.llama_chat_dir)
-    cc = crosscoder_from_ckkissane(tiny_world.crosscoder_ckpt, [a, b])
-    models = load_models(cc.sources, CPU, torch.float32)
-    tokens = load_corpus(str(tiny_world.corpus_jsonl), models.tokenizer, n_sequences=22, seq_len=24, seed=1)
-    return cc, models, tokens
+OPTIONS = small_analysis_options()
 
 
 @pytest.fixture(scope="module")
