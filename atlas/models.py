@@ -461,7 +461,9 @@ def load_models(sources: list, device: torch.device, dtype: torch.dtype, remote:
         if src.model not in hf_models:
             hf_models[src.model], tokenizers[src.model] = load_hf_model(src.model, device, dtype)
     tokenizer = _check_same_vocab(tokenizers)
-    models = {spec: TransformersModel(hf, task="text-generation", tokenizer=tokenizers[spec])
+    # ``device``: the pipeline NNsight wraps a module in otherwise moves it to cuda:0 whenever CUDA exists
+    # (transformers' default pipeline device), whatever --device or the torchrun rank asked for.
+    models = {spec: TransformersModel(hf, task="text-generation", tokenizer=tokenizers[spec], device=device)
               for spec, hf in hf_models.items()}
     sites = [resolve_hook(hf_models[s.model], s.site) for s in sources]
     probe_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0

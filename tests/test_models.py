@@ -181,3 +181,17 @@ def test_demo_specs_go_through_atlas_demo(tiny_world, monkeypatch):
     monkeypatch.setattr(atlas.demo, "resolve_model", resolve_model, raising=False)
     ms = load_models([Source("demo:tiny", "blocks.0.hook_resid_post")], CPU, torch.float32)
     assert calls == [("demo:tiny", CPU, torch.float32)] and ms.widths == [32]
+
+
+def test_models_stay_on_the_asked_device_when_cuda_exists(tiny_world, tokens, monkeypatch):
+    """transformers' pipeline, which NNsight wraps each model in, defaults to cuda:0 whenever CUDA is
+    present; --device cpu (or a torchrun rank's cuda:N) must hold anyway. CUDA is faked here: a move to
+    cuda:0 fails on this CPU-only torch ("not compiled with CUDA")."""
+    import transformers.pipelines.base as pipeline_base
+
+    monkeypatch.setattr(pipeline_base, "is_torch_cuda_available", lambda: True)
+    path = str(tiny_world.llama_dir)
+    models = load_models([Source(path, "blocks.1.hook_resid_post")], CPU, torch.float32)
+    assert {p.device for p in models.hf_models[path].parameters()} == {CPU}
+    x = models.extract(tokens)
+    torch.testing.assert_close(x[:, :, 0], resid_post(_hf(path), tokens, 1))
