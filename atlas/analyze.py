@@ -159,6 +159,29 @@ def parse_feature_range(spec: str) -> tuple[int, int]:
     return first, stop
 
 
+def check_counts(top_k: int, n_corr_features: int, corr_candidates: int) -> None:
+    """Raise :class:`AtlasError` for counts out of range (``--top-k``, ``--corr-features``, ``--corr-candidates``)."""
+    if top_k < 1:
+        raise AtlasError(f"--top-k must be at least 1 (got {top_k})")
+    for flag, value in (("--corr-features", n_corr_features), ("--corr-candidates", corr_candidates)):
+        if value < 0:
+            raise AtlasError(f"{flag} must be 0 or more (got {value}): pass --corr-features and "
+                             "--corr-candidates as 0 (off) or more")
+
+
+def parse_shared_range(spec: str) -> tuple[float, float]:
+    """``"LO:HI"`` → ``(LO, HI)`` with 0 ≤ LO ≤ HI ≤ 1 (``--shared-range``)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*:\s*([0-9.]+)\s*", str(spec))
+    try:
+        lo, hi = (float(m.group(1)), float(m.group(2))) if m else (math.nan, math.nan)
+    except ValueError:
+        lo = hi = math.nan
+    if not (0.0 <= lo <= hi <= 1.0):
+        raise AtlasError(f"--shared-range {spec!r} is not a range LO:HI with 0 <= LO <= HI <= 1: pass e.g. "
+                         "--shared-range 0.3:0.7")
+    return lo, hi
+
+
 def parse_shard(spec: str) -> tuple[int, int]:
     """``"K/N"`` → ``(K, N)`` (``--shard``; K counts from 0)."""
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(spec))
@@ -394,6 +417,7 @@ def prepare(crosscoder, models, tokens: torch.Tensor, options: AnalysisOptions, 
     first, stop, among = feature_range(crosscoder, options)
     if options.batch_size < 1:
         raise AtlasError(f"--batch-size must be at least 1 (got {options.batch_size})")
+    check_counts(options.top_k, options.n_corr_features, options.corr_candidates)
     tokens = torch.as_tensor(tokens, dtype=torch.long).cpu()
     N, T = tokens.shape
     settings = cache_format.Settings(

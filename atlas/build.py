@@ -74,10 +74,13 @@ def check_features_alive(cache_dir: Path, manifest) -> None:
 def analyze_command(args, cache_dir: Path | None = None):
     """Load the checkpoint, the models and the corpus; analyse; write the cache. Returns its Manifest."""
     from . import distributed
-    from .analyze import parse_feature_range, parse_shard
+    from .analyze import check_counts, parse_feature_range, parse_shard, parse_shared_range
 
     cache_dir = Path(cache_dir or args.output)
     features = parse_feature_range(args.features) if args.features is not None else None
+    # bad option values fail before any model is loaded
+    parse_shared_range(args.shared_range)
+    check_counts(args.top_k, args.corr_features, args.corr_candidates)
     shard = parse_shard(args.shard) if getattr(args, "shard", None) is not None else None
     if shard is not None:
         from .merge import check_shard_folder
@@ -93,7 +96,7 @@ def analyze_command(args, cache_dir: Path | None = None):
 
 
 def _analyze(args, cache_dir: Path, comm, device_arg, features, shard):
-    from .analyze import AnalysisOptions, run_analysis
+    from .analyze import AnalysisOptions, parse_shared_range, run_analysis
     from .checkpoints import load_checkpoint
     from .corpus import load_corpus
     from .models import load_models, pick_device
@@ -123,6 +126,9 @@ def _analyze(args, cache_dir: Path, comm, device_arg, features, shard):
         exclude_special=args.exclude_special,
         neuron_correlations=not args.no_neuron_correlations,
         next_token_effects=args.next_token_effects,
+        n_corr_features=args.corr_features,
+        corr_candidates=args.corr_candidates,
+        diff_shared=parse_shared_range(args.shared_range),
         seed=args.seed,
         dataset=args.dataset or "demo corpus",
         save_every=args.save_every,

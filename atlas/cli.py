@@ -73,6 +73,15 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-neuron-correlations", action="store_true",
                    help="skip the correlated-neurons panel (saves a float32 [features × sources·d] sum on "
                    "the device: 1.8 GB at 100k features × 2 × 2304)")
+    p.add_argument("--corr-features", type=int, default=10, metavar="N",
+                   help="correlated features kept per feature, by Pearson correlation of activations over all "
+                   "tokens (default: 10; 0 skips the panel)")
+    p.add_argument("--corr-candidates", type=int, default=16, metavar="N",
+                   help="how many of each feature's nearest decoder-cosine neighbours its correlations are "
+                   "computed with, exactly (default: 16; more costs more per token)")
+    p.add_argument("--shared-range", default="0.3:0.7", metavar="LO:HI",
+                   help="relative decoder norm range of the 'shared' class of a two-source crosscoder; below "
+                   "LO is model-A-only, above HI model-B-only (default: 0.3:0.7)")
     p.add_argument("--next-token-effects", choices=["top", "all", "none"], default="top",
                    help="which example windows get each token's effect on the next token's logit, shown "
                    "on hover: top examples, all (interval samples too), none (default: top)")

@@ -41,6 +41,7 @@ except (OSError, AttributeError):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -78,10 +79,11 @@ def random_crosscoder(models, sources, n_features: int, tokens, density: float =
     g = torch.Generator().manual_seed(0)
     W_enc = torch.randn(S, d, n_features, generator=g) / math.sqrt(S * d)
     W_dec = torch.randn(n_features, S, d, generator=g) / math.sqrt(d)
-    x = models.extract(tokens[:8]).float().cpu()[:, 1:]
+    x = models.extract(tokens[:8]).float()[:, 1:]  # on the models' device: the quantile is slow on a CPU
     x = x * (math.sqrt(d) / x.norm(dim=-1).mean((0, 1)))[None, None, :, None]
-    pre = torch.einsum("btsd,sdf->btf", x, W_enc).reshape(-1, n_features)
-    b_enc = -torch.quantile(pre[: min(len(pre), 4096)], 1 - density, dim=0)
+    pre = torch.einsum("btsd,sdf->btf", x, W_enc.to(x.device)).reshape(-1, n_features)
+    pre = pre[: min(len(pre), 4096)]
+    b_enc = -pre.topk(max(1, round(density * len(pre))), dim=0).values[-1].cpu()  # the (1 - density) quantile
     return Crosscoder(W_enc=W_enc, W_dec=W_dec, b_enc=b_enc, b_dec=torch.zeros(S, d), sources=sources,
                       format="bench", path="random")
 
@@ -169,11 +171,74 @@ def time_forwards(models, tokens, batch_size: int, device) -> Timer:
 
 
 def time_analysis(cc, models, tokens, options, device, dtype) -> tuple[Timer, int]:
+    global MEAN_L0
     with tempfile.TemporaryDirectory() as tmp:
         with Timer(device) as t:
             run_analysis(cc, models, tokens, options, Path(tmp), device, dtype)
         size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+        with np.load(Path(tmp) / "features.npz") as z:
+            MEAN_L0 = float(z["density"].sum())  # active features per counted token
     return t, size
+
+
+MEAN_L0 = float("nan")  # of the last analysis timed
+
+
+# Parts of the analysis timed by --breakdown: (label, module, attribute), the attribute a function of the
+# module or "Class.method". Nested parts are inside the line above them (summaries → their parts).
+PHASES = (
+    ("forward passes (ModelSet.extract)", "atlas.models", "ModelSet.extract"),
+    ("encode", "atlas.analyze", "FeatureEncoder.__call__"),
+    ("summaries, all", "atlas.stats.summaries", "FeatureSummaries.update"),
+    ("  scalars", "atlas.stats.scalars", "ScalarStats.update"),
+    ("  top examples", "atlas.stats.top", "TopExamples.update"),
+    ("  interval samples", "atlas.stats.intervals", "IntervalSamples.update"),
+    ("  neuron correlations", "atlas.stats.correlations", "NeuronCorrelations.update"),
+    ("  feature correlations", "atlas.stats.correlations", "FeatureCorrelations.update"),
+    ("finish: decoder geometry, neighbours", "atlas.analyze", "finish_inputs"),
+    ("finish: logit effects, assembly", "atlas.analyze", "assemble"),
+    ("finish: cache writing", "atlas.analyze", "write_analysis_cache"),
+)
+
+
+def breakdown(cc, models, tokens, options, device, dtype) -> None:
+    """Run the analysis once more with each part of :data:`PHASES` timed, the device synchronised before
+    and after each call (so the parts add up, at the price of the overlap an unsynchronised run has)."""
+    import importlib
+
+    spent, patched = {}, []
+
+    def timed(label, fn):
+        def wrapper(*a, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    for label, module, attr in PHASES:
+        owner = importlib.import_module(module)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = getattr(owner, name)
+        patched.append((owner, name, original))
+        setattr(owner, name, timed(label, original))
+    try:
+        t, _ = time_analysis(cc, models, tokens, options, device, dtype)
+    finally:
+        for owner, name, original in reversed(patched):
+            setattr(owner, name, original)
+    print(f"breakdown of one analysis of {tokens.numel():,} tokens ({t.wall:.2f} s, device synchronised "
+          "around each part):")
+    for label, _, _ in PHASES:
+        if label in spent:
+            print(f"  {label:<40}{spent[label]:8.3f} s  {100 * spent[label] / t.wall:5.1f}%")
 
 
 def main(argv=None) -> None:
@@ -182,6 +247,8 @@ def main(argv=None) -> None:
     p.add_argument("--hook-point", default="blocks.2.hook_resid_post")
     p.add_argument("--sources", type=int, default=1, help="1 = SAE; 2 = the model read twice (two sources)")
     p.add_argument("--features", type=int, default=4096)
+    p.add_argument("--density", type=float, default=0.01,
+                   help="target density of the random features (encoder biases set on the first batch)")
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
@@ -191,6 +258,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-neuron-correlations", action="store_true", help="skip correlated neurons")
     p.add_argument("--corr-candidates", type=int, default=None, help="feature-correlation candidates (0: none)")
     p.add_argument("--next-token-effects", default=None, choices=["top", "all", "none"])
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time each part of the analysis (one more run, device synchronised per part)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -200,7 +269,7 @@ def main(argv=None) -> None:
         sources = [Source(model, args.hook_point)] * args.sources
         models = load_models(sources, device, dtype)
         tokens = corpus(models, args.tokens, args.seq_len)
-        cc = random_crosscoder(models, sources, args.features, tokens)
+        cc = random_crosscoder(models, sources, args.features, tokens, density=args.density)
         options = AnalysisOptions(n_features=0, batch_size=args.batch_size, progress=False, reuse=False,
                                   save_every=10**9)
         extra = {"neuron_correlations": not args.no_neuron_correlations,
@@ -222,11 +291,15 @@ def main(argv=None) -> None:
         with PeakMemory(device) as m_4x:
             t_4x, _ = time_analysis(cc, models, tokens4, options, device, dtype)
 
+        if args.breakdown:
+            breakdown(cc, models, tokens, options, device, dtype)
+
     name = args.model or "tiny random Llama (d=256, 4 layers)"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} thread(s)"
     mb = 2**20
     print(f"model {name} at {args.hook_point} ×{args.sources}, {args.features} features, {where}, "
-          f"{str(dtype).replace('torch.', '')}, batch {args.batch_size}×{args.seq_len}")
+          f"{str(dtype).replace('torch.', '')}, batch {args.batch_size}×{args.seq_len}; "
+          f"mean L0 {MEAN_L0:.1f} active features per token")
     n4 = tokens4.numel()
 
     def row(what, n, t, extra=""):

@@ -14,7 +14,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from factory import small_analysis_options
+from factory import calibration_tokens, crosscoder_from_ckkissane, small_analysis_options
+from transformers import AutoTokenizer
 
 from atlas.analyze import run_analysis
 from atlas.cache import read_cache
@@ -27,8 +28,18 @@ RTOL, ATOL = 1e-3, 1e-4
 
 
 @pytest.fixture(scope="module")
-def caches(diff_setup, tmp_path_factory):
-    cc, cpu_models, tokens = diff_setup
+def setup(tiny_world):
+    """The two-model crosscoder of the tiny world, its models on the CPU, and 22 sequences of 24 tokens
+    (drawn from the tokenizer's calibration text: no dataset library needed on a GPU machine)."""
+    a, b = str(tiny_world.llama_dir), str(tiny_world.llama_chat_dir)
+    cc = crosscoder_from_ckkissane(tiny_world.crosscoder_ckpt, [a, b])
+    tokens = calibration_tokens(AutoTokenizer.from_pretrained(tiny_world.tokenizer_dir), seq_len=24, n=22)
+    return cc, load_models(cc.sources, torch.device("cpu"), torch.float32), tokens
+
+
+@pytest.fixture(scope="module")
+def caches(setup, tmp_path_factory):
+    cc, cpu_models, tokens = setup
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 GEMMs as the CPU does them
     gpu = torch.device("cuda")
     gpu_models = load_models(cc.sources, gpu, torch.float32)
@@ -133,8 +144,8 @@ def test_histograms_agree(caches):
         assert np.abs(a - b).sum() <= max(2, a.sum() // 10_000)  # a value on a bin edge may move
 
 
-def test_bfloat16_on_cuda_completes_and_tracks_float32(diff_setup, caches, tmp_path):
-    cc, _, tokens = diff_setup
+def test_bfloat16_on_cuda_completes_and_tracks_float32(setup, caches, tmp_path):
+    cc, _, tokens = setup
     cpu, _ = caches
     gpu = torch.device("cuda")
     models = load_models(cc.sources, gpu, torch.bfloat16)

@@ -291,6 +291,44 @@ def test_empty_corpus(capsys, out, tiny_world, tmp_path):
     assert out.intact()
 
 
+@pytest.mark.parametrize("spec", ["0.8:0.2", "0.3", "-0.1:0.5", "0.2:1.5", "a:b"])
+def test_shared_range_that_is_not_a_range(capsys, out, tiny_world, spec):
+    msg = failing(capsys, *build_argv(tiny_world, tiny_world.crosscoder_ckpt, out.site, f"--shared-range={spec}"))
+    expect(msg, "Shared range that is not a range")
+    assert out.intact()
+
+
+@pytest.mark.parametrize("flag", ["--corr-features", "--corr-candidates"])
+def test_negative_count_of_correlated_features(capsys, out, tiny_world, flag):
+    msg = failing(capsys, *build_argv(tiny_world, tiny_world.crosscoder_ckpt, out.site, flag, "-1"))
+    expect(msg, "Negative count of correlated features")
+    assert out.intact()
+
+
+def test_analysis_options_reach_the_cache(tiny_world, tmp_path, capsys):
+    """--corr-features, --corr-candidates and --shared-range set what the cache holds."""
+    from atlas.cache import read_cache
+
+    cache = tmp_path / "cache"
+    code = main([str(a) for a in ["analyze", tiny_world.crosscoder_ckpt, "--dataset", tiny_world.corpus_jsonl,
+                                   "--model", tiny_world.llama_dir, "--model", tiny_world.llama_chat_dir,
+                                   "-o", cache, *RUN, "--corr-features", "3", "--corr-candidates", "5",
+                                   "--shared-range", "0.45:0.55", "--no-neuron-correlations"]])
+    assert code == 0, capsys.readouterr().err
+    c = read_cache(cache)
+    st, fs = c.manifest.settings, c.features
+    assert (st.n_corr_features, st.n_corr_candidates) == (3, 5)
+    assert (st.diff_shared_lo, st.diff_shared_hi) == (0.45, 0.55)
+    assert fs.fcorr_ids.shape == (c.manifest.n_features, 3) and fs.ncorr_val is None
+    want = np.where(fs.rel_norm < 0.45, 0, np.where(fs.rel_norm > 0.55, 2, 1))
+    np.testing.assert_array_equal(fs.diff_class, want)
+    # every correlated feature is one of the feature's 5 nearest decoder neighbours
+    assert fs.neighbours.shape[1] >= 5 and (fs.fcorr_ids >= 0).any()
+    for f in range(c.manifest.n_features):
+        ids = fs.fcorr_ids[f][fs.fcorr_ids[f] >= 0]
+        assert set(ids) <= set(fs.neighbours[f, :5])
+
+
 def test_corpus_too_short(capsys, out, tiny_world, tmp_path):
     corpus = tmp_path / "short.txt"
     corpus.write_text("Just a few words.\n", "utf-8")

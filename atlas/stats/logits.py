@@ -33,7 +33,7 @@ def next_token_ids(tokens, seq, pos, before: int, after: int) -> torch.Tensor:
 
 
 def logit_effects(W_dec: torch.Tensor, unembeddings: list[torch.Tensor], k: int, n_bins: int,
-                  max_elements: int = 2**22, windows: dict | None = None, tokens=None,
+                  max_elements: int | None = None, windows: dict | None = None, tokens=None,
                   window_before: int = 0) -> dict:
     """``W_dec[F, S, d]`` and per source ``U_s[d, V]`` → arrays of ``LogitEffects``.
 
@@ -45,7 +45,8 @@ def logit_effects(W_dec: torch.Tensor, unembeddings: list[torch.Tensor], k: int,
     into the corpus ``tokens[N, T]`` (windows start ``window_before`` tokens before ``pos``). The output
     ``name[F, ..., W, S]`` (float16) is each window token's activation × the feature's effect via s on
     the logit of the token that follows it (:func:`next_token_ids`; 0 where there is none), read off
-    the same chunks.
+    the same chunks. ``max_elements`` bounds the ``[features, V]`` effects held at once (default: 2**22
+    on a CPU, 2**26 on a GPU).
     """
     F, S, _ = W_dec.shape
     V = min(U.shape[1] for U in unembeddings)
@@ -59,6 +60,8 @@ def logit_effects(W_dec: torch.Tensor, unembeddings: list[torch.Tensor], k: int,
     windows = windows or {}
     for name, (_, _, acts) in windows.items():
         out[name] = np.zeros(tuple(acts.shape) + (S,), np.float16)
+    if max_elements is None:  # effects computed at once: cache-sized on a CPU; on a GPU, few launches
+        max_elements = 2**22 if unembeddings[0].device.type == "cpu" else 2**26
     chunk = max(1, max_elements // V)
     for s, U in enumerate(unembeddings):
         U = U[:, :V].float()
