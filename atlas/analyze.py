@@ -105,7 +105,9 @@ def slice_features(crosscoder, n: int, first: int = 0):
 
 
 class FeatureEncoder:
-    """Encodes ``x[B, T, S, d]`` into the activations ``[B, T, n]`` (float32) of features ``first..stop-1``.
+    """Encodes ``x[B, T, S, d]`` into the activations ``[B, T, n]`` of features ``first..stop-1``, in the
+    dtype of the encode (bfloat16 on a GPU by default: the summaries read values from it and widen them to
+    float32, which is exact, so no float32 copy of the ``[tokens, n]`` buffer is made).
 
     TopK crosscoders choose among all features, so they are encoded whole and sliced after.
     """
@@ -145,7 +147,7 @@ class FeatureEncoder:
                 f = self.crosscoder.encode(x.reshape(B * T, S, d))
             if self.whole:
                 f = f[:, self.first:self.stop]
-        return f.float().reshape(B, T, self.n)
+        return f.reshape(B, T, self.n)
 
 
 def parse_feature_range(spec: str) -> tuple[int, int]:

@@ -590,13 +590,30 @@ def test_temporary_files_of_a_killed_analysis_are_removed(capsys, out, tiny_worl
 # --------------------------------------------------------------------------- interrupted analysis
 
 
+# A spawned analysis: each batch waits 10 ms, so that a signal sent after the first saved state reliably
+# arrives mid-analysis however fast the machine runs the tiny model (120 batches: at least 1.2 s).
+PACED_ATLAS = """
+import signal, sys, time
+# Ctrl-C as in a terminal, also where the tests run as a background job (which starts with SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import atlas.stats.summaries as summaries
+_update = summaries.FeatureSummaries.update
+def paced(self, *args, **kwargs):
+    time.sleep(0.01)
+    return _update(self, *args, **kwargs)
+summaries.FeatureSummaries.update = paced
+from atlas.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def _spawn_atlas(argv: list[str], log: Path) -> subprocess.Popen:
-    """Start ``atlas ARGV`` in a new interpreter (a real process that signals reach), its output going to
-    ``log``. A fresh interpreter, not a fork of this one: a fork inherits torch's thread pools in whatever
-    state the earlier tests left them, and can hang."""
+    """Start ``atlas ARGV`` (paced: :data:`PACED_ATLAS`) in a new interpreter (a real process that signals
+    reach), its output going to ``log``. A fresh interpreter, not a fork of this one: a fork inherits
+    torch's thread pools in whatever state the earlier tests left them, and can hang."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with open(log, "wb") as fh:
-        return subprocess.Popen([sys.executable, "-m", "atlas.cli", *argv], stdout=fh, stderr=subprocess.STDOUT,
+        return subprocess.Popen([sys.executable, "-c", PACED_ATLAS, *argv], stdout=fh, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env)
 
 

@@ -241,3 +241,26 @@ def test_logit_effects_brute_force():
             counts, _ = np.histogram(eff, bins=7, range=(eff.min(), eff.max()))
             assert out["hist_counts"][f, s].sum() == 50
             assert np.abs(out["hist_counts"][f, s] - counts).sum() <= 2  # float rounding at bin edges
+
+
+def test_low_precision_activations_fold_as_their_float32_values():
+    """A GPU encodes in bfloat16 and the summaries read that buffer as it is: every statistic (windows
+    and correlations included) equals the one folded from the same values widened to float32 first."""
+    import dataclasses
+
+    acts, counted = synthetic_acts(seed=3)
+    acts = acts.clamp_max(60_000).to(torch.bfloat16)  # values a bfloat16 encode can produce
+    x = torch.randn(N_SEQ, T, 2, 4, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    settings = dataclasses.replace(SETTINGS, n_corr_neurons=3, n_corr_features=2)
+    cand = torch.tensor([[(f + 1) % F, (f + 2) % F, -1] for f in range(F)])
+
+    def fold(a):
+        s = FeatureSummaries(F, settings, SEED, width=8, n_sources=2, candidates=cand)
+        for lo in range(0, N_SEQ, 5):
+            s.update(a[lo:lo + 5].clone(), counted[lo:lo + 5], seq_offset=lo, x=x[lo:lo + 5])
+        return s.finalize()
+
+    low, wide = fold(acts), fold(acts.float())
+    assert low.keys() == wide.keys() and {"ncorr_val", "fcorr_val", "top_window", "iv_window"} <= low.keys()
+    for name in wide:
+        np.testing.assert_array_equal(low[name], wide[name], err_msg=name)

@@ -181,8 +181,8 @@ class FeatureCorrelations:
             f, t, val = nz_f[lo:lo + step], nz_tok[lo:lo + step], nz_vals[lo:lo + step]
             idx = cand.index_select(0, f)
             idx += (t * F).to(index_dtype)[:, None]
-            g = flat.index_select(0, idx.view(-1)).view(-1, C)
-            g *= val[:, None].to(g.dtype)
+            g = flat.index_select(0, idx.view(-1)).view(-1, C).float()
+            g *= val[:, None].float()
             batch.index_add_(0, f, g)
         self.sum_fg += batch
 

@@ -51,7 +51,7 @@ def gather_windows(acts: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, f: to
     flat.clamp_(0, acts.numel() - 1)
     t = pos[:, None] + offsets[None, :]
     inside = (t >= 0) & (t < T)
-    values = acts.reshape(-1).index_select(0, flat.view(-1)).view(-1, W)
+    values = acts.reshape(-1).index_select(0, flat.view(-1)).view(-1, W).float()
     values.mul_(inside)
     return values.clamp_(-FP16_MAX, FP16_MAX).to(torch.float16)
 

@@ -57,7 +57,8 @@ class FeatureSummaries:
 
     def update(self, acts: torch.Tensor, counted: torch.Tensor, seq_offset: int,
                x: torch.Tensor | None = None) -> None:
-        """Fold a batch: ``acts[B, T, F]`` (float32) of sequences ``seq_offset + b``, ``counted[B, T]``
+        """Fold a batch: ``acts[B, T, F]`` (any float dtype; values are widened to float32 where read) of
+        sequences ``seq_offset + b``, ``counted[B, T]``
         (the tokens that enter the statistics) and, for neuron correlations, the sources' activations
         ``x[B, T, S, d]`` (any float dtype). ``acts`` is zeroed in place where not counted."""
         B, T, F = acts.shape
@@ -68,7 +69,7 @@ class FeatureSummaries:
             flat.index_fill_(0, skipped, 0.0)
         nz_b, nz_pos, nz_f = (acts > 0).nonzero(as_tuple=True)
         nz_tok = nz_b * T + nz_pos
-        nz_vals = flat.view(-1).index_select(0, nz_tok * F + nz_f)
+        nz_vals = flat.view(-1).index_select(0, nz_tok * F + nz_f).float()
         n_counted = counted.sum()
         self.scalars.update(n_counted, nz_f, nz_vals)
         batch = BatchEntries(acts, nz_b, nz_pos, nz_f, nz_vals)
