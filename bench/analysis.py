@@ -195,8 +195,9 @@ PHASES = (
     ("  interval samples", "atlas.stats.intervals", "IntervalSamples.update"),
     ("  neuron correlations", "atlas.stats.correlations", "NeuronCorrelations.update"),
     ("  feature correlations", "atlas.stats.correlations", "FeatureCorrelations.update"),
-    ("finish: decoder geometry, neighbours", "atlas.analyze", "finish_inputs"),
-    ("finish: logit effects, assembly", "atlas.analyze", "assemble"),
+    ("nearest neighbours (before the pass)", "atlas.analyze", "Plan.local_neighbours"),
+    ("finish: vocabulary strings, unembeddings", "atlas.analyze", "finish_inputs"),
+    ("finish: logit effects, decoder geometry", "atlas.analyze", "assemble"),
     ("finish: cache writing", "atlas.analyze", "write_analysis_cache"),
 )
 
