@@ -276,7 +276,8 @@ class LogitEffects:
     """``logits.npz``: direct logit effect of each feature's decoder through each source's unembedding.
 
     Effect of feature f on token t via source s: ``W_dec[f, s] · (γ ⊙ W_U[:, t])`` where γ is the weight
-    of the model's final norm and W_U its unembedding (``lm_head``). ``top_ids/top_vals[F, S, L]`` are
+    of the model's final norm and W_U its unembedding (``lm_head``); for a ``hook_z`` or ``mlp.hook_post``
+    source, ``W_dec[f, s] · W_out (γ ⊙ W_U[:, t])`` with W_out the attention's or MLP's output projection. ``top_ids/top_vals[F, S, L]`` are
     the L largest, ``bot_ids/bot_vals[F, S, L]`` the L smallest (most negative first);
     ``hist_counts[F, S, H]`` is a histogram of the effect over the whole vocabulary between
     ``hist_lo[F, S]`` and ``hist_hi[F, S]`` (H equal bins).

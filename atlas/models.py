@@ -8,7 +8,15 @@ Hook names (a crosscoder source's ``site``):
 
 - TransformerLens style ``blocks.L.hook_X``: ``resid_pre`` (input of block L), ``resid_post`` (output
   of block L), ``resid_mid`` (the residual stream between attention and MLP, where the architecture has
-  one), ``attn_out`` / ``mlp_out`` (output of the block's attention / MLP module).
+  one), ``attn_out`` / ``mlp_out`` (output of the block's attention / MLP module), and
+  ``blocks.L.attn.hook_z`` (or ``blocks.L.hook_z``): the attention heads' outputs before the output
+  projection, flattened over heads (``[n_heads × d_head]``, head-major, as TransformerLens flattens
+  ``hook_z``), read as the input of that projection (``o_proj``, ``c_proj``, ``out_proj`` or ``dense``).
+  A decoder direction there reaches the residual stream through the projection, so the logit effects of
+  such a source go through it (:meth:`ModelSet.unembeddings`).
+- ``blocks.L.mlp.hook_post``: the MLP's hidden activations (after the nonlinearity, and the gate where
+  there is one), read as the input of its output projection (``down_proj``, ``c_proj``,
+  ``dense_4h_to_h``, ``fc2``), whose weights likewise carry the logit effects.
 - An explicit module path of the Hugging Face model (``model.layers.3``, ``transformer.h.2.mlp``):
   its output; append ``.input`` to read its (first positional) input instead.
 
@@ -30,8 +38,11 @@ import torch
 
 from .errors import AtlasError
 
-HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
-HOOK_EXAMPLES = "blocks.6.hook_resid_post, blocks.6.hook_resid_pre, blocks.6.hook_mlp_out, model.layers.6"
+HOOK_PATTERN = re.compile(
+    r"^blocks\.(\d+)\.(?:hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)|(?:attn\.)?hook_(z)"
+    r"|mlp\.hook_(post))$")
+HOOK_EXAMPLES = ("blocks.6.hook_resid_post, blocks.6.hook_resid_pre, blocks.6.hook_mlp_out, blocks.6.attn.hook_z, "
+                 "model.layers.6")
 
 # block list path → names of the attention module, the MLP module and the module whose input is resid_mid
 _FAMILIES = {
@@ -42,6 +53,11 @@ _FAMILIES = {
                                                          "post_attention_layernorm")),
     "model.decoder.layers": ("self_attn", None, ("final_layer_norm",)),
 }
+# the attention's output projection (heads' outputs → residual stream), by family
+_OUT_PROJECTIONS = ("o_proj", "c_proj", "out_proj", "dense")
+# the MLP's output projection (hidden activations → residual stream), under the MLP module or, where the
+# family has none (OPT), under the block
+_DOWN_PROJECTIONS = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out")
 _FINAL_NORMS = ("transformer.ln_f", "gpt_neox.final_layer_norm", "model.norm", "model.language_model.norm",
                 "model.decoder.final_layer_norm")
 
@@ -74,11 +90,17 @@ def pick_device(device: str | None, dtype: str | None) -> tuple[torch.device, to
 
 @dataclass(frozen=True)
 class ResolvedSite:
-    """Where a source's activation is read: ``port`` (``input``/``output``) of the module at ``module_path``."""
+    """Where a source's activation is read: ``port`` (``input``/``output``) of the module at ``module_path``.
+
+    ``to_residual``: for a site outside the residual stream's space (``hook_z``), the module path of the
+    linear map that carries it there (the attention's output projection); None for the others, whose
+    activations are added to the residual stream as they are.
+    """
 
     hook: str
     module_path: str
     port: str
+    to_residual: str | None = None
 
 
 def _has_module(model: torch.nn.Module, path: str) -> bool:
@@ -114,7 +136,7 @@ def resolve_hook(model: torch.nn.Module, hook: str) -> ResolvedSite:
     """Map a hook name (TransformerLens style or module path) onto a module of ``model``."""
     m = HOOK_PATTERN.match(hook)
     if m:
-        layer, kind = int(m.group(1)), m.group(2)
+        layer, kind = int(m.group(1)), m.group(2) or m.group(3) or m.group(4)
         blocks = find_blocks(model)
         n = len(model.get_submodule(blocks))
         if layer >= n:
@@ -130,6 +152,16 @@ def resolve_hook(model: torch.nn.Module, hook: str) -> ResolvedSite:
             return ResolvedSite(hook, f"{block}.{attn}", "output")
         if kind == "mlp_out" and mlp and _has_module(model, f"{block}.{mlp}"):
             return ResolvedSite(hook, f"{block}.{mlp}", "output")
+        if kind == "z" and attn:
+            for proj in _OUT_PROJECTIONS:
+                path = f"{block}.{attn}.{proj}"
+                if _has_module(model, path):
+                    return ResolvedSite(hook, path, "input", to_residual=path)
+        if kind == "post":
+            for proj in _DOWN_PROJECTIONS:
+                path = f"{block}.{mlp}.{proj}" if mlp else f"{block}.{proj}"
+                if _has_module(model, path):
+                    return ResolvedSite(hook, path, "input", to_residual=path)
         if kind == "resid_mid":
             for mid in mids:
                 if _has_module(model, f"{block}.{mid}"):
@@ -336,16 +368,31 @@ class ModelSet:
         γ is the ``weight`` of a LayerNorm; for other norms (RMSNorm, Gemma's ``1 + weight``) it is
         read off the norm's output for a large constant input, where the normalisation divides it
         away. Models without a recognised final norm use γ = 1.
+
+        For a ``hook_z`` or ``mlp.hook_post`` source (:class:`ResolvedSite` ``to_residual``) the output
+        projection W is folded in too: ``[d_in, V]`` = ``W @ (γ[:, None] * W_U^T)``, so that a decoder direction there
+        gets the effect it has once projected into the residual stream (the projection's bias, the same
+        for every feature, is left out, as the decoder bias is).
         """
         result = []
-        for src in self.sources:
+        for src, site in zip(self.sources, self.sites):
             if src.model not in self._unembed_cache:
                 if self.remote:
                     self._unembed_cache[src.model] = _remote_unembedding(
                         self.models[src.model], self.hf_models[src.model], self.vocab_size, self.remote)
                 else:
                     self._unembed_cache[src.model] = _unembedding(self.hf_models[src.model], self.vocab_size)
-            result.append(self._unembed_cache[src.model])
+            U = self._unembed_cache[src.model]
+            if site.to_residual is not None:
+                key = (src.model, site.to_residual)
+                if key not in self._unembed_cache:
+                    if self.remote:
+                        raise AtlasError(f"{src.site} with --remote is not supported (its logit effects need the "
+                                         "output projection's weights): run the model locally, without --remote")
+                    proj = self.hf_models[src.model].get_submodule(site.to_residual)
+                    self._unembed_cache[key] = (_into_residual(proj, site.to_residual).to(U.device) @ U).contiguous()
+                U = self._unembed_cache[key]
+            result.append(U)
         return result
 
 
@@ -408,6 +455,18 @@ def _final_norm_weight(model: torch.nn.Module, d: int) -> torch.Tensor:
                 probe = torch.full((1, 1, d), 1e3, dtype=dtype, device=device)
                 return norm(probe).float().reshape(d)
     return torch.ones(d)
+
+
+def _into_residual(module: torch.nn.Module, path: str) -> torch.Tensor:
+    """``[d_in, d_model]`` float32: the matrix of a linear output projection acting on row vectors
+    (``torch.nn.Linear`` stores ``[out, in]``, GPT-2's ``Conv1D`` ``[in, out]``)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, torch.nn.Linear):
+        return weight.detach().float().T
+    if type(module).__name__ == "Conv1D" and weight is not None and weight.ndim == 2:
+        return weight.detach().float()
+    raise AtlasError(f"{path} ({type(module).__name__}) is not a linear projection, so the logit effects of a "
+                     "source read at its input cannot go through it: pass --hook-point with another site")
 
 
 def _unembedding(model: torch.nn.Module, vocab_size: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from test_checkpoints_formats import write_crosscode, write_dl_crosscoder, write_dl_sae, write_saelens
+from test_checkpoints_formats import write_crosscode, write_dl_crosscoder, write_dl_sae, write_neel_sae, write_saelens
 
 from atlas.checkpoints import load_checkpoint
 from atlas.cli import main
@@ -88,3 +88,57 @@ def test_build_saelens(tmp_path, capsys, tiny_world):
     m = build(capsys, tmp_path, tiny_world, folder)
     assert m["checkpoint"]["format"] == "saelens" and m["checkpoint"]["input_scale_estimated"] is False
     assert sources(m) == [(str(tiny_world.gpt2_dir), "blocks.1.hook_resid_post")]
+
+
+def test_build_saelens_hook_z(tmp_path, capsys, tiny_world):
+    """An attention SAE on hook_z: it reads the heads' outputs, and its logit effects go through the
+    attention's output projection (checked against the projection applied as a module)."""
+    import numpy as np
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    g = torch.Generator().manual_seed(6)
+    folder = tmp_path / "sae"
+    write_saelens(folder, g, "standard", d=D, F=16)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["reshape_activations"] = "hook_z"
+    cfg["metadata"].update(model_name=str(tiny_world.gpt2_dir), hook_name="blocks.1.attn.hook_z")
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    m = build(capsys, tmp_path, tiny_world, folder)
+    assert sources(m) == [(str(tiny_world.gpt2_dir), "blocks.1.attn.hook_z")]
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_world.gpt2_dir).eval()
+    proj, norm = hf.transformer.h[1].attn.c_proj, hf.transformer.ln_f
+    W_dec = load_file(str(folder / "sae_weights.safetensors"))["W_dec"].float()  # [F, d]
+    with torch.inference_mode():
+        resid = proj(W_dec) - proj(torch.zeros(1, D))  # the decoder directions in the residual stream
+        effects = (resid * norm.weight) @ hf.lm_head.weight.T  # [F, V]
+    logits = np.load(tmp_path / "site.atlas-data" / "logits.npz")
+    want = torch.topk(effects[:6], 4, dim=1)
+    np.testing.assert_allclose(logits["top_vals"][:, 0, :4], want.values.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(logits["top_ids"][:, 0, :4], want.indices.numpy())
+
+
+def test_build_neel_sae_on_mlp_neurons(tmp_path, capsys, tiny_world):
+    """An SAE of Neel Nanda's 1L-Sparse-Autoencoder kind on MLP neurons (site ``post``): it reads the MLP's
+    hidden activations, and its logit effects go through the MLP's output projection."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    width = 4 * D  # the tiny GPT-2's MLP
+    path = write_neel_sae(tmp_path / "sae", torch.Generator().manual_seed(9),
+                          {"model_name": str(tiny_world.gpt2_dir), "site": "post", "layer": 1}, d=width, F=16)
+    m = build(capsys, tmp_path, tiny_world, path)
+    assert m["checkpoint"]["format"] == "ckkissane"
+    assert sources(m) == [(str(tiny_world.gpt2_dir), "blocks.1.mlp.hook_post")]
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_world.gpt2_dir).eval()
+    proj, norm = hf.transformer.h[1].mlp.c_proj, hf.transformer.ln_f
+    W_dec = torch.load(path, weights_only=True)["W_dec"].float()  # [F, 4d]
+    with torch.inference_mode():
+        resid = proj(W_dec) - proj(torch.zeros(1, width))
+        effects = (resid * norm.weight) @ hf.lm_head.weight.T
+    logits = np.load(tmp_path / "site.atlas-data" / "logits.npz")
+    want = torch.topk(effects[:6], 4, dim=1)
+    np.testing.assert_allclose(logits["top_vals"][:, 0, :4], want.values.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(logits["top_ids"][:, 0, :4], want.indices.numpy())

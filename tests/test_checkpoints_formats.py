@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from atlas.checkpoints import load_checkpoint
 from atlas.crosscoder import Crosscoder
+from atlas.errors import AtlasError
 
 torch.set_num_threads(1)
 
@@ -136,6 +137,51 @@ def test_sae_as_one_source_crosscoder(tmp_path):
     path = write_ckkissane(tmp_path, g, S=1, cfg_extra={"model_name": "gpt2", "hook_point": "blocks.1.hook_resid_post"})
     cc = load_checkpoint(path)
     assert cc.n_sources == 1 and cc.sources[0].model == "gpt2"
+
+
+def write_neel_sae(folder: Path, g, cfg: dict, *, d=16, F=24, dtype="fp32", name="1") -> Path:
+    """Neel Nanda's 1L-Sparse-Autoencoder / Kissane et al.'s attention SAE: ``AutoEncoder.state_dict()``
+    (2-D ``W_enc[d, F]``, ``W_dec[F, d]``) saved as ``N.pt`` with the training cfg as ``N_cfg.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dt = DTYPES[dtype]
+    sd = {"W_enc": rand(g, d, F, scale=1 / math.sqrt(d), dtype=dt), "W_dec": rand(g, F, d, scale=0.3, dtype=dt),
+          "b_enc": rand(g, F, scale=0.4, dtype=dt), "b_dec": rand(g, d, scale=0.5, dtype=dt)}
+    torch.save(sd, folder / f"{name}.pt")
+    (folder / f"{name}_cfg.json").write_text(json.dumps({"act_size": d, "dict_size": F, "enc_dtype": dtype, **cfg}))
+    return folder / f"{name}.pt"
+
+
+def ref_neel_sae(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """The training code's encode: ``relu((x - b_dec) @ W_enc + b_enc)`` on ``x[B, d]``."""
+    return torch.relu((x - F32(sd["b_dec"])) @ F32(sd["W_enc"]) + F32(sd["b_enc"]))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("cfg,site", [
+    ({"model_name": "gpt2-small", "site": "z", "layer": 3, "act_name": "blocks.3.attn.hook_z", "head": "cat"},
+     "blocks.3.attn.hook_z"),
+    ({"model_name": "gelu-1l", "site": "post", "layer": 0}, "blocks.0.mlp.hook_post"),
+    ({"model_name": "gpt2-small", "site": "resid_pre", "layer": 2}, "blocks.2.hook_resid_pre"),
+])
+def test_neel_and_kissane_saes(tmp_path, cfg, site, dtype):
+    g = torch.Generator().manual_seed(7)
+    path = write_neel_sae(tmp_path, g, cfg, dtype=dtype)
+    cc = load_checkpoint(path)
+    assert cc.format == "ckkissane" and cc.n_sources == 1 and cc.sources[0].site == site
+    assert torch.equal(cc.input_scale, torch.ones(1))  # trained on raw activations: nothing to estimate
+    sd = torch.load(path, weights_only=True)
+    x = inputs(g, 1, 16)
+    assert_encode_matches(cc, x, ref_neel_sae(sd, x[:, 0]))
+    torch.testing.assert_close(cc.W_dec[:, 0], F32(sd["W_dec"]))
+
+
+def test_neel_sae_width_that_disagrees_with_its_cfg(tmp_path):
+    path = write_neel_sae(tmp_path, torch.Generator().manual_seed(8), {"model_name": "gpt2", "site": "z", "layer": 0})
+    cfg = json.loads(path.with_name("1_cfg.json").read_text())
+    cfg["act_size"] = 99
+    path.with_name("1_cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(AtlasError, match="act_size = 99"):
+        load_checkpoint(path)
 
 
 # =========================================================================== dictionary_learning CrossCoder

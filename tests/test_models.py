@@ -131,6 +131,60 @@ def test_unembedding_folds_final_norm(tiny_world, family):
     assert not torch.allclose(U, hf.get_input_embeddings().weight.T)
 
 
+PROJECTION = {("gpt2", "z"): "transformer.h.1.attn.c_proj", ("llama", "z"): "model.layers.1.self_attn.o_proj",
+              ("gpt2", "post"): "transformer.h.1.mlp.c_proj", ("llama", "post"): "model.layers.1.mlp.down_proj"}
+# each site read before an output projection, and the hook where that projection's output is read
+BEFORE_PROJECTION = {"blocks.1.attn.hook_z": ("z", "blocks.1.hook_attn_out"),
+                     "blocks.1.hook_z": ("z", "blocks.1.hook_attn_out"),
+                     "blocks.1.mlp.hook_post": ("post", "blocks.1.hook_mlp_out")}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("hook", list(BEFORE_PROJECTION))
+def test_sites_before_an_output_projection(tiny_world, tokens, family, hook):
+    """hook_z / mlp.hook_post are what the attention's / MLP's output projection receives; projected,
+    they are hook_attn_out / hook_mlp_out."""
+    kind, after = BEFORE_PROJECTION[hook]
+    path = str(getattr(tiny_world, f"{family}_dir"))
+    x = load_models([Source(path, hook)], CPU, torch.float32).extract(tokens)[:, :, 0]
+    out = load_models([Source(path, after)], CPU, torch.float32).extract(tokens)[:, :, 0]
+    hf = _hf(path)
+    seen = []
+    proj = hf.get_submodule(PROJECTION[family, kind])
+    handle = proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    with torch.inference_mode():
+        hf(input_ids=tokens, attention_mask=torch.ones_like(tokens))
+    handle.remove()
+    torch.testing.assert_close(x, seen[0], rtol=0, atol=1e-6)
+    with torch.inference_mode():
+        torch.testing.assert_close(proj(x), out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("hook", ["blocks.1.attn.hook_z", "blocks.1.mlp.hook_post"])
+def test_logit_effects_go_through_the_output_projection(tiny_world, family, hook):
+    """U of a source before an output projection = (what the projection makes of each basis vector, bias
+    removed) @ U of the residual stream, the projection applied as a module, not read off its weight."""
+    path = str(getattr(tiny_world, f"{family}_dir"))
+    ms = load_models([Source(path, hook)], CPU, torch.float32)
+    (U_site,) = ms.unembeddings()
+    (U_resid,) = load_models([Source(path, "blocks.1.hook_resid_post")], CPU, torch.float32).unembeddings()
+    width = ms.widths[0]
+    proj = ms.hf_models[path].get_submodule(PROJECTION[family, BEFORE_PROJECTION[hook][0]])
+    with torch.inference_mode():
+        basis = proj(torch.eye(width)) - proj(torch.zeros(1, width))  # row i: where e_i lands
+    assert U_site.shape == (width, U_resid.shape[1])
+    torch.testing.assert_close(U_site, basis @ U_resid, rtol=1e-5, atol=1e-5)
+
+
+def test_hook_z_of_a_model_without_attention_projection_names_the_option(tiny_world, monkeypatch):
+    import atlas.models as models
+
+    monkeypatch.setattr(models, "_OUT_PROJECTIONS", ("nope",))
+    with pytest.raises(AtlasError, match="--hook-point"):
+        load_models([Source(str(tiny_world.llama_dir), "blocks.1.attn.hook_z")], CPU, torch.float32)
+
+
 def test_vocab_shows_leading_spaces(tiny_world):
     ms = load_models([Source(str(tiny_world.llama_dir), "blocks.1.hook_resid_post")], CPU, torch.float32)
     vocab = ms.vocab()

@@ -1,4 +1,4 @@
-"""ckkissane / Neel Nanda crosscoders: ``N.pt`` (state dict) + ``N_cfg.json`` beside it.
+"""ckkissane / Neel Nanda crosscoders and SAEs: ``N.pt`` (state dict) + ``N_cfg.json`` beside it.
 
 Tensors ``W_enc[S, d, F]``, ``W_dec[F, S, d]``, ``b_enc[F]``, ``b_dec[S, d]`` are already in canonical
 order; encode is ``relu(einsum(x, W_enc) + b_enc)``. The cfg (``d_in, dict_size, enc_dtype, model_name,
@@ -12,6 +12,12 @@ The cfg may also carry ``model_names`` (one id per model) and ``input_scale`` (o
 the demo checkpoint does. The training scripts do not save their normalisation factors, so without
 ``input_scale`` or ``--scale`` the analysis estimates them. The Hugging Face layout of the same format
 (``<hook>/cc_weights.pt`` + ``<hook>/cfg.json``) is read too.
+
+The SAEs of the same lineage (Neel Nanda's 1L-Sparse-Autoencoder, Kissane et al.'s attention SAEs on
+``hook_z``) store ``W_enc[d, F]``, ``W_dec[F, d]``, ``b_enc[F]``, ``b_dec[d]`` with a cfg naming the width
+``act_size``, the site as ``act_name`` or ``layer`` + ``site`` (TransformerLens short names: ``z``,
+``post``, ``resid_post``, ...), and encode ``relu((x - b_dec) @ W_enc + b_enc)``: one source, the
+centring folded into ``b_enc``.
 """
 
 from __future__ import annotations
@@ -40,12 +46,19 @@ from .files import RawCheckpoint, fmt_shape, read_json
 
 NAME = "ckkissane"
 LABEL = "ckkissane / Neel Nanda crosscoder"
-FILES = "N.pt (state dict: W_enc[S,d,F], W_dec[F,S,d], b_enc[F], b_dec[S,d]) + N_cfg.json"
+FILES = ("N.pt (state dict: W_enc[S,d,F], W_dec[F,S,d], b_enc[F], b_dec[S,d]; or an SAE's W_enc[d,F], "
+         "W_dec[F,d], b_enc[F], b_dec[d]) + N_cfg.json")
 
 
 def sniff(raw: RawCheckpoint) -> bool:
     w = raw.state.get("W_enc")
-    return w is not None and w.dim() == 3 and "W_dec" in raw.state
+    if w is None or "W_dec" not in raw.state:
+        return False
+    if w.dim() == 3:
+        return True
+    # an SAE of the same lineage: 2-D weights with N_cfg.json (SAELens writes cfg.json)
+    cfg = raw.path.with_name(raw.path.stem + "_cfg.json")
+    return w.dim() == 2 and cfg.is_file()
 
 
 def cfg_path_for(weights: Path) -> Path | None:
@@ -56,10 +69,19 @@ def cfg_path_for(weights: Path) -> Path | None:
 
 
 def convert(raw: RawCheckpoint, opts: Options) -> Crosscoder:
-    W_enc = require(raw, "W_enc", LABEL, 3)
-    W_dec = require(raw, "W_dec", LABEL, 3)
+    sae = raw.state["W_enc"].dim() == 2
+    W_enc = require(raw, "W_enc", LABEL, 2 if sae else 3)
+    W_dec = require(raw, "W_dec", LABEL, 2 if sae else 3)
     b_enc = require(raw, "b_enc", LABEL, 1)
-    b_dec = require(raw, "b_dec", LABEL, 2)
+    b_dec = require(raw, "b_dec", LABEL, 1 if sae else 2)
+    if sae:  # relu((x - b_dec) @ W_enc + b_enc): one source, the centring folded into b_enc
+        W_enc, W_dec, b_dec = W_enc[None], W_dec[:, None, :], b_dec[None]
+        if W_enc.shape[1] != b_dec.shape[1] or W_dec.shape[2] != b_dec.shape[1]:
+            raise AtlasError(f"{raw.path}: W_enc {fmt_shape(W_enc.shape[1:])}, W_dec {fmt_shape(W_dec.shape[::2])} "
+                             f"and b_dec {fmt_shape(b_dec.shape[1:])} disagree on the width; the file is damaged")
+        b_enc = f32(b_enc) - f32(b_dec[0]) @ f32(W_enc[0])
+        opts.notes.append("SAE (2-D weights): encode relu((x - b_dec) @ W_enc + b_enc), the centring folded "
+                          "into b_enc")
     S, d, F = W_enc.shape
 
     cfg_file = cfg_path_for(raw.path)
@@ -70,6 +92,7 @@ def convert(raw: RawCheckpoint, opts: Options) -> Crosscoder:
     else:
         opts.notes.append(f"config: {cfg_file}")
         cfg_int(cfg, "d_in", cfg_file, d, "d_model (W_enc.shape[1])")
+        cfg_int(cfg, "act_size", cfg_file, d, "the input width (W_enc.shape[0])")
         cfg_int(cfg, "dict_size", cfg_file, F, "features (W_enc.shape[2])")
 
     sources = _sources(S, cfg, cfg_file, cfg_desc, raw, opts)
@@ -79,7 +102,10 @@ def convert(raw: RawCheckpoint, opts: Options) -> Crosscoder:
         sources=sources, activation="relu", format=NAME, path=str(raw.path),
     )
     stored = _cfg_scale(cfg, cfg_file, S)
-    apply_scale(cc, opts, stored, f"stored in the cfg (input_scale): {stored.tolist() if stored is not None else ''}")
+    if stored is None and sae:  # these SAEs were trained on the raw activations
+        apply_scale(cc, opts, torch.ones(1), "none needed: an SAE of this lineage reads raw activations")
+    else:
+        apply_scale(cc, opts, stored, f"stored in the cfg (input_scale): {stored.tolist() if stored is not None else ''}")
     if cfg.get("enc_dtype"):
         cc.extra["cfg_dtype"] = str(cfg["enc_dtype"])
     return cc
@@ -91,7 +117,7 @@ def _sources(S: int, cfg: dict, cfg_file, cfg_desc: str, raw: RawCheckpoint, opt
         raise AtlasError(f"{cfg_file}: model_names must be a list of model ids; fix the cfg")
     cfg_models: list[str] = list(names) if names else ([str(cfg["model_name"])] if cfg.get("model_name") else [])
     hps = opts.hook_points
-    cfg_hp = cfg.get("hook_point")
+    cfg_hp = cfg.get("hook_point") or cfg.get("act_name")
     if not cfg_hp and cfg.get("layer") is not None and cfg.get("site"):
         cfg_hp = layer_site(cfg_number(cfg["layer"], "layer", cfg_file), str(cfg["site"]))
     n_given = len(opts.models or [])

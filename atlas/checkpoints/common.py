@@ -238,9 +238,15 @@ def grid_sources(models: list[str], sites: list[str]) -> list[Source]:
     return [Source(m, s) for m in models for s in sites]
 
 
+# TransformerLens short names (``utils.get_act_name``) of the sites inside a block's attention and MLP
+_SUBLAYER_SITES = {"z": "attn.hook_z", "post": "mlp.hook_post"}
+
+
 def layer_site(layer: int, site: str) -> str:
-    """TransformerLens hook name of ``site`` (e.g. ``resid_post``) at block ``layer``."""
+    """TransformerLens hook name of ``site`` (e.g. ``resid_post``, ``z``, ``post``) at block ``layer``."""
     site = site[len("hook_"):] if site.startswith("hook_") else site
+    if site in _SUBLAYER_SITES:
+        return f"blocks.{int(layer)}.{_SUBLAYER_SITES[site]}"
     return f"blocks.{int(layer)}.hook_{site}"
 
 
