@@ -150,6 +150,21 @@ class FeatureEncoder:
         return f.reshape(B, T, self.n)
 
 
+GPU_BATCH_TOKENS = 32768  # tokens per batch on a GPU by default: enough to keep one busy (bench/README.md)
+GPU_BATCH_BYTES = 4 * 2**30  # at most this much [tokens × features] activations per batch by default
+
+
+def default_batch_size(device, seq_len: int, n_features: int, dtype) -> int:
+    """Sequences per batch when ``--batch-size`` is not given: 16 on a CPU; on a GPU about
+    :data:`GPU_BATCH_TOKENS` tokens, fewer where the batch's activations (``tokens × n_features`` in
+    ``dtype``) would pass :data:`GPU_BATCH_BYTES`. The same on every rank of a run (no memory query)."""
+    if torch.device(device).type != "cuda":
+        return 16
+    per_token = max(1, n_features) * torch.finfo(dtype).bits // 8
+    tokens = min(GPU_BATCH_TOKENS, GPU_BATCH_BYTES // per_token)
+    return max(1, tokens // max(1, seq_len))
+
+
 def parse_feature_range(spec: str) -> tuple[int, int]:
     """``"A:B"`` → ``(A, B)`` (``--features``)."""
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(spec))

@@ -96,7 +96,7 @@ def analyze_command(args, cache_dir: Path | None = None):
 
 
 def _analyze(args, cache_dir: Path, comm, device_arg, features, shard):
-    from .analyze import AnalysisOptions, parse_shared_range, run_analysis
+    from .analyze import AnalysisOptions, default_batch_size, parse_shared_range, run_analysis
     from .checkpoints import load_checkpoint
     from .corpus import load_corpus
     from .models import load_models, pick_device
@@ -118,9 +118,12 @@ def _analyze(args, cache_dir: Path, comm, device_arg, features, shard):
     models.check_compatible(crosscoder)
 
     # analyze + write (the cache is written atomically and resumes an interrupted run)
+    batch_size = args.batch_size
+    if batch_size is None:
+        batch_size = default_batch_size(device, args.seq_len, crosscoder.n_features, dtype)
     options = AnalysisOptions(
         n_features=args.n_features,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         top_k=args.top_k,
         exclude_bos=not args.include_bos,
         exclude_special=args.exclude_special,

@@ -55,8 +55,9 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
                    help="number of text sequences of the corpus to run through the models (default: 100)")
     p.add_argument("--seq-len", type=int, default=128, metavar="L",
                    help="tokens per sequence (default: 128)")
-    p.add_argument("--batch-size", type=int, default=16, metavar="B",
-                   help="sequences per forward pass (default: 16)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="sequences per forward pass (default: 16 on a CPU; on a GPU as many as make about 32k "
+                   "tokens, fewer where the batch's [tokens × features] activations would pass 4 GiB)")
     p.add_argument("--dataset", default=None, metavar="PATH_OR_NAME",
                    help="corpus: a .txt/.jsonl/.json/.parquet/.csv file or a folder of them, or a "
                    "Hugging Face dataset name when the hub is reachable (default: the bundled demo corpus)")

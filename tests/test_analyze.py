@@ -433,3 +433,15 @@ def test_cli_switches_for_optional_statistics(tiny_world, tmp_path, capsys):
     # the switches change nothing else
     np.testing.assert_array_equal(default.features.density, switched.features.density)
     np.testing.assert_array_equal(default.examples.top_seq, switched.examples.top_seq)
+
+
+def test_default_batch_size():
+    """16 sequences on a CPU; on a GPU about 32k tokens, fewer where the activations would pass 4 GiB."""
+    from atlas.analyze import default_batch_size
+
+    assert default_batch_size(CPU, 128, 100_000, torch.float32) == 16
+    gpu = torch.device("cuda")
+    assert default_batch_size(gpu, 256, 16_384, torch.bfloat16) == 128  # 32,768 tokens, 1 GiB
+    assert default_batch_size(gpu, 128, 3072, torch.float32) == 256
+    assert default_batch_size(gpu, 1024, 131_072, torch.bfloat16) == 16  # 16k tokens: 4 GiB
+    assert default_batch_size(gpu, 4096, 2**20, torch.float32) == 1  # never below one sequence
