@@ -92,9 +92,9 @@ def pick_device(device: str | None, dtype: str | None) -> tuple[torch.device, to
 class ResolvedSite:
     """Where a source's activation is read: ``port`` (``input``/``output``) of the module at ``module_path``.
 
-    ``to_residual``: for a site outside the residual stream's space (``hook_z``), the module path of the
-    linear map that carries it there (the attention's output projection); None for the others, whose
-    activations are added to the residual stream as they are.
+    ``to_residual``: for a site outside the residual stream's space (``hook_z``, ``mlp.hook_post``), the
+    module path of the linear map that carries it there (the attention's or MLP's output projection);
+    None for the others, whose activations are added to the residual stream as they are.
     """
 
     hook: str
@@ -385,10 +385,7 @@ class ModelSet:
             U = self._unembed_cache[src.model]
             if site.to_residual is not None:
                 key = (src.model, site.to_residual)
-                if key not in self._unembed_cache:
-                    if self.remote:
-                        raise AtlasError(f"{src.site} with --remote is not supported (its logit effects need the "
-                                         "output projection's weights): run the model locally, without --remote")
+                if key not in self._unembed_cache:  # local models only (load_remote_models refuses these sites)
                     proj = self.hf_models[src.model].get_submodule(site.to_residual)
                     self._unembed_cache[key] = (_into_residual(proj, site.to_residual).to(U.device) @ U).contiguous()
                 U = self._unembed_cache[key]
@@ -641,6 +638,10 @@ def load_remote_models(sources: list, device: torch.device, dtype: torch.dtype, 
         models[src.model], hf_models[src.model], tokenizers[src.model] = nn_model, nn_model._module, tok
     tokenizer = _check_same_vocab(tokenizers)
     sites = [resolve_hook(hf_models[s.model], s.site) for s in sources]
+    for site in sites:
+        if site.to_residual is not None:  # its logit effects need the projection's weights, which stay remote
+            raise AtlasError(f"{site.hook} with --remote is not supported (its logit effects need the output "
+                             "projection's weights): run the model locally, without --remote")
     order, widths = [0] * len(sources), [0] * len(sources)
     probe_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
     probe = torch.full((1, 2), probe_id, dtype=torch.long)

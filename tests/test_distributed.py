@@ -266,3 +266,15 @@ def test_rank_resume_files(tiny_world, tmp_path, monkeypatch):
     assert not (tmp_path / "ranked" / "state").exists()
     run_analysis(cc, models, tokens, options, tmp_path / "plain", cpu, torch.float32)
     assert_same_cache(read_cache(tmp_path / "ranked"), read_cache(tmp_path / "plain"))
+
+
+def test_remote_site_before_a_projection_fails_before_any_analysis(tiny_world):
+    """hook_z / mlp.hook_post need the output projection's weights for their logit effects; with --remote
+    they stay on NDIF, so loading says so at once."""
+    from atlas.crosscoder import Source
+    from atlas.errors import AtlasError
+    from atlas.models import load_models
+
+    with pytest.raises(AtlasError, match="without --remote"):
+        load_models([Source(str(tiny_world.llama_dir), "blocks.1.attn.hook_z")], torch.device("cpu"), torch.float32,
+                    remote="local")
