@@ -74,24 +74,14 @@ def layouts(site: Path, sample: int = 2000) -> None:
 
 def browser_timings(site: Path, n_features: int, first_id: int = 0) -> None:
     """Cold page views in headless Chromium over HTTP: time to rendered and bytes downloaded."""
-    import functools
-    import http.server
-    import threading
-
     from playwright.sync_api import sync_playwright
+    from web import base_url, launch, serve_folder
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}/"
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"]
+    server = serve_folder(site)
+    base = base_url(server)
     try:
         with sync_playwright() as p:
-            b = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+            b = launch(p)
 
             def view(url: str, ready: str = "html[data-ready]"):
                 ctx = b.new_context()  # cold cache

@@ -21,6 +21,19 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))
 
 from factory import TinyWorld, build_tiny_world  # noqa: E402
+from web import CHROMIUM, launch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian Chromium (skips where Playwright or /usr/bin/chromium is missing), one per module."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        pytest.skip(f"Debian chromium is not installed at {CHROMIUM} (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as p:
+        b = launch(p)
+        yield b
+        b.close()
 
 
 @pytest.fixture(scope="session")

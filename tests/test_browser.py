@@ -6,12 +6,8 @@ Uses Debian's /usr/bin/chromium; skipped when it (or Playwright) is missing.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import re
-import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,29 +18,15 @@ from atlas.render.chunks import read_chunk_script
 from atlas.render.pages import fmt_num
 from atlas.render.text import chip, visible
 from synthetic_cache import HOSTILE_TOKENS, write_synthetic_cache
+from web import base_url, serve_folder
 
 pytestmark = pytest.mark.browser
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 N_FEATURES = 40
 LABELS = {
     "7": {"label": "Negation in legal text", "explanation": "Fires on 'not' <script>window.__atlas_xss=9</script>"},
     "9": "<img src=x onerror=\"window.__atlas_xss=8\"> quoted",
     "12": "numbers and negation",
 }
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-def _serve(folder: Path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(_QuietHandler, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 @pytest.fixture(scope="module")
@@ -57,26 +39,15 @@ def world(tmp_path_factory):
     labels.write_text(json.dumps(LABELS), "utf-8")
     site = root / "www" / "sub" / "site"
     render_site(cache_dir, site, labels=labels)
-    at_root, at_parent = _serve(site), _serve(root / "www")
+    at_root, at_parent = serve_folder(site), serve_folder(root / "www")
     bases = {
-        "root": f"http://127.0.0.1:{at_root.server_address[1]}/",
-        "sub": f"http://127.0.0.1:{at_parent.server_address[1]}/sub/site/",
+        "root": base_url(at_root),
+        "sub": base_url(at_parent, "sub/site/"),
         "file": site.as_uri() + "/",
     }
     yield {"cache": read_cache(cache_dir), "site": site, "bases": bases, "root": root}
     at_root.shutdown()
     at_parent.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not CHROMIUM.exists():
-        pytest.skip("Debian chromium is not installed at /usr/bin/chromium")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

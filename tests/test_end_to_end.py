@@ -8,16 +8,13 @@ dense numpy over every token at once.
 
 from __future__ import annotations
 
-import functools
-import http.server
-import json
 import math
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from web import base_url, serve_folder
 
 from atlas.cache import read_cache
 from atlas.cli import main
@@ -145,35 +142,12 @@ def _best_feature(cache) -> int:
     return int(np.argmax(cache.features.max_act))
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def http_root(built):
     site, _, _ = built
-    handler = functools.partial(_QuietHandler, directory=str(site.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/{site.name}/"
+    server = serve_folder(site.parent)
+    yield base_url(server, f"{site.name}/")
     server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path("/usr/bin/chromium").exists():
-        pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )
-        yield b
-        b.close()
 
 
 def _open(browser, url):

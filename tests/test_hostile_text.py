@@ -141,19 +141,6 @@ def test_vocab_bytes_of_every_token_round_trip(tiny_world):
 # --------------------------------------------------------------------------- in the browser
 
 
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path("/usr/bin/chromium").exists():
-        pytest.skip("Debian chromium is not installed at /usr/bin/chromium")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium",
-                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                    "--disable-component-update", "--disable-sync", "--no-first-run"])
-        yield b
-        b.close()
-
-
 NEEDLES = ("atlas_pwned", "\\x", "\x07")  # a payload, bytes of a split character, a control character
 
 

@@ -12,8 +12,6 @@ from synthetic_cache import write_synthetic_cache
 from atlas.render import render_site
 
 pytestmark = pytest.mark.browser
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 DAMAGED = "is damaged or truncated"
 
 
@@ -24,17 +22,6 @@ def site(tmp_path_factory) -> Path:
                                   seq_len=48, seed=5)
     render_site(cache, root / "site")
     return root / "site"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path("/usr/bin/chromium").exists():
-        pytest.skip("Debian chromium is not installed at /usr/bin/chromium")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
-        yield b
-        b.close()
 
 
 def _damaged_copy(site: Path, tmp_path: Path, rel: str, damage) -> Path:

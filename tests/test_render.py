@@ -6,7 +6,6 @@ import csv
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
