@@ -68,9 +68,10 @@ def _assert_same_ranking(ids_a, ids_b, vals_a, vals_b, name: str) -> None:
     assert differ.mean() < 0.02, f"{name}: {differ.sum()} ids differ"
 
 
-def assert_same_cache(a, b, exact: bool = True, skip: tuple = ()):
+def assert_same_cache(a, b, exact: bool = True, skip: tuple = (), bitwise: bool = False):
     """Every array equal (bit for bit where ``exact`` and listed in EXACT, or an integer array; else up to
-    float rounding), and the manifests equal but for the creation time. ``skip``: fields not compared."""
+    float rounding), and the manifests equal but for the creation time. ``skip``: fields not compared.
+    ``bitwise``: every array bit for bit, rankings included (the same batches folded the same way)."""
     ma, mb = dataclasses.asdict(a.manifest), dataclasses.asdict(b.manifest)
     ma.pop("created"), mb.pop("created")
     assert ma == mb
@@ -86,6 +87,9 @@ def assert_same_cache(a, b, exact: bool = True, skip: tuple = ()):
                 assert x is None and y is None, field.name
                 continue
             assert x.shape == y.shape and x.dtype == y.dtype, field.name
+            if bitwise:
+                np.testing.assert_array_equal(x, y, err_msg=f"{part}.{field.name}")
+                continue
             if field.name in RANKED_BY:
                 _assert_same_ranking(x, y, getattr(pa, RANKED_BY[field.name]), getattr(pb, RANKED_BY[field.name]),
                                      f"{part}.{field.name}")

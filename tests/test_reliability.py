@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_merge import assert_same_cache as same_cache
 
 import atlas.cache
 from atlas.cache import read_cache, read_manifest
@@ -89,17 +90,8 @@ def files(root: Path) -> dict[str, bytes]:
 
 
 def assert_same_cache(a: Path, b: Path) -> None:
-    """Two caches hold the same analysis (everything but the manifest's ``created`` time)."""
-    ca, cb = read_cache(a), read_cache(b)
-    ma, mb = ca.manifest.to_json(), cb.manifest.to_json()
-    ma.pop("created"), mb.pop("created")
-    assert ma == mb
-    assert ca.vocab == cb.vocab
-    np.testing.assert_array_equal(ca.tokens, cb.tokens)
-    for part in ("features", "examples", "logits"):
-        pa, pb = getattr(ca, part), getattr(cb, part)
-        for name in vars(pa):
-            np.testing.assert_array_equal(getattr(pa, name), getattr(pb, name), err_msg=f"{part}.{name}")
+    """The caches in folders ``a`` and ``b`` hold the same analysis, bit for bit (all but the creation time)."""
+    same_cache(read_cache(a), read_cache(b), bitwise=True)
 
 
 class _Filling:
