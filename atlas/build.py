@@ -79,7 +79,7 @@ def analyze_command(args, cache_dir: Path | None = None):
     cache_dir = Path(cache_dir or args.output)
     features = parse_feature_range(args.features) if args.features is not None else None
     # bad option values fail before any model is loaded
-    parse_shared_range(args.shared_range)
+    shared_range = parse_shared_range(args.shared_range)
     check_counts(args.top_k, args.corr_features, args.corr_candidates)
     shard = parse_shard(args.shard) if getattr(args, "shard", None) is not None else None
     if shard is not None:
@@ -89,14 +89,14 @@ def analyze_command(args, cache_dir: Path | None = None):
     # under torchrun: join the process group; this rank runs on cuda:LOCAL_RANK (or the cpu)
     comm, device_arg = distributed.from_environment(args.device)
     try:
-        manifest = _analyze(args, cache_dir, comm, device_arg, features, shard)
+        manifest = _analyze(args, cache_dir, comm, device_arg, features, shard, shared_range)
     finally:
         distributed.shutdown(comm)
     return manifest
 
 
-def _analyze(args, cache_dir: Path, comm, device_arg, features, shard):
-    from .analyze import AnalysisOptions, default_batch_size, parse_shared_range, run_analysis
+def _analyze(args, cache_dir: Path, comm, device_arg, features, shard, shared_range):
+    from .analyze import AnalysisOptions, default_batch_size, run_analysis
     from .checkpoints import load_checkpoint
     from .corpus import load_corpus
     from .models import load_models, pick_device
@@ -131,7 +131,7 @@ def _analyze(args, cache_dir: Path, comm, device_arg, features, shard):
         next_token_effects=args.next_token_effects,
         n_corr_features=args.corr_features,
         corr_candidates=args.corr_candidates,
-        diff_shared=parse_shared_range(args.shared_range),
+        diff_shared=shared_range,
         seed=args.seed,
         dataset=args.dataset or "demo corpus",
         save_every=args.save_every,

@@ -170,18 +170,15 @@ def time_forwards(models, tokens, batch_size: int, device) -> Timer:
     return t
 
 
-def time_analysis(cc, models, tokens, options, device, dtype) -> tuple[Timer, int]:
-    global MEAN_L0
+def time_analysis(cc, models, tokens, options, device, dtype) -> tuple[Timer, int, float]:
+    """The analysis's time, its cache's size in bytes, and its mean L0 (active features per counted token)."""
     with tempfile.TemporaryDirectory() as tmp:
         with Timer(device) as t:
             run_analysis(cc, models, tokens, options, Path(tmp), device, dtype)
         size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
         with np.load(Path(tmp) / "features.npz") as z:
-            MEAN_L0 = float(z["density"].sum())  # active features per counted token
-    return t, size
-
-
-MEAN_L0 = float("nan")  # of the last analysis timed
+            mean_l0 = float(z["density"].sum())
+    return t, size, mean_l0
 
 
 # Parts of the analysis timed by --breakdown: (label, module, attribute), the attribute a function of the
@@ -231,7 +228,7 @@ def breakdown(cc, models, tokens, options, device, dtype) -> None:
         patched.append((owner, name, original))
         setattr(owner, name, timed(label, original))
     try:
-        t, _ = time_analysis(cc, models, tokens, options, device, dtype)
+        t, _, _ = time_analysis(cc, models, tokens, options, device, dtype)
     finally:
         for owner, name, original in reversed(patched):
             setattr(owner, name, original)
@@ -286,11 +283,11 @@ def main(argv=None) -> None:
         with PeakMemory(device) as m_fwd:
             t_fwd = time_forwards(models, tokens, args.batch_size, device)
         with PeakMemory(device) as m_1x:
-            t_all, size = time_analysis(cc, models, tokens, options, device, dtype)
+            t_all, size, mean_l0 = time_analysis(cc, models, tokens, options, device, dtype)
         tokens4 = corpus(models, 4 * args.tokens, args.seq_len, seed=1)
         t_fwd4 = time_forwards(models, tokens4, args.batch_size, device)
         with PeakMemory(device) as m_4x:
-            t_4x, _ = time_analysis(cc, models, tokens4, options, device, dtype)
+            t_4x, _, _ = time_analysis(cc, models, tokens4, options, device, dtype)
 
         if args.breakdown:
             breakdown(cc, models, tokens, options, device, dtype)
@@ -300,7 +297,7 @@ def main(argv=None) -> None:
     mb = 2**20
     print(f"model {name} at {args.hook_point} ×{args.sources}, {args.features} features, {where}, "
           f"{str(dtype).replace('torch.', '')}, batch {args.batch_size}×{args.seq_len}; "
-          f"mean L0 {MEAN_L0:.1f} active features per token")
+          f"mean L0 {mean_l0:.1f} active features per token")
     n4 = tokens4.numel()
 
     def row(what, n, t, extra=""):
