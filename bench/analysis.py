@@ -7,11 +7,14 @@ peak memory of each, and the analysis's peak memory at 1× and 4× the tokens (i
 the number of tokens). The same at 4× the tokens gives the marginal ratio: the extra analysis time of
 the extra tokens over their extra forward time, i.e. the per-token cost without the fixed costs
 (weight statistics, cache writing, warm-up of the bounded summaries). Times are wall-clock and, beside
-them, this process's CPU time (``time.process_time``), which other jobs on a shared machine disturb less. Memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the resident set
-size sampled every 2 ms above its level at the start of the phase (freed heap is returned to the OS
-with ``malloc_trim`` between phases, and blocks of 1 MiB or more are mmapped — glibc's
-``M_MMAP_THRESHOLD`` fixed at 1 MiB — so that the resident size follows live memory rather than the
-allocator's free lists, which otherwise drift upwards over a long run).
+them, this process's CPU time (``time.process_time``), which other jobs on a shared machine disturb less.
+
+Memory is measured in separate runs after the timed ones: on CUDA ``torch.cuda.max_memory_allocated``;
+on CPU the resident set size sampled every 2 ms above its level at the start of the phase, with freed
+heap returned to the OS (``malloc_trim``) between phases and blocks of 1 MiB or more mmapped (glibc's
+``M_MMAP_THRESHOLD`` fixed at 1 MiB), so that the resident size follows live memory rather than the
+allocator's free lists. That setting makes every large allocation fault its pages in afresh (it nearly
+doubled the time of the summaries), so the timed runs keep the allocator as users have it.
 
     python bench/analysis.py                       # tiny random Llama built here, 4096 features
     python bench/analysis.py --model PATH_OR_ID --hook-point blocks.6.hook_resid_post --features 16384
@@ -32,11 +35,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-
-try:  # see the module docstring: RSS that follows live memory
-    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-except (OSError, AttributeError):
-    pass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -86,6 +84,15 @@ def random_crosscoder(models, sources, n_features: int, tokens, density: float =
     b_enc = -pre.topk(max(1, round(density * len(pre))), dim=0).values[-1].cpu()  # the (1 - density) quantile
     return Crosscoder(W_enc=W_enc, W_dec=W_dec, b_enc=b_enc, b_dec=torch.zeros(S, d), sources=sources,
                       format="bench", path="random")
+
+
+def rss_follows_live_memory() -> None:
+    """Make the CPU resident size follow live memory (see the module docstring); for memory runs only:
+    glibc's dynamic mmap threshold cannot be restored afterwards."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 class PeakMemory:
@@ -280,17 +287,22 @@ def main(argv=None) -> None:
         time_forwards(models, tokens[: args.batch_size], args.batch_size, device)
         time_analysis(cc, models, tokens[: args.batch_size * 2], options, device, dtype)
 
-        with PeakMemory(device) as m_fwd:
-            t_fwd = time_forwards(models, tokens, args.batch_size, device)
-        with PeakMemory(device) as m_1x:
-            t_all, size, mean_l0 = time_analysis(cc, models, tokens, options, device, dtype)
+        t_fwd = time_forwards(models, tokens, args.batch_size, device)
+        t_all, size, mean_l0 = time_analysis(cc, models, tokens, options, device, dtype)
         tokens4 = corpus(models, 4 * args.tokens, args.seq_len, seed=1)
         t_fwd4 = time_forwards(models, tokens4, args.batch_size, device)
-        with PeakMemory(device) as m_4x:
-            t_4x, _, _ = time_analysis(cc, models, tokens4, options, device, dtype)
-
+        t_4x, _, _ = time_analysis(cc, models, tokens4, options, device, dtype)
         if args.breakdown:
             breakdown(cc, models, tokens, options, device, dtype)
+
+        if device.type == "cpu":
+            rss_follows_live_memory()
+        with PeakMemory(device) as m_fwd:
+            time_forwards(models, tokens, args.batch_size, device)
+        with PeakMemory(device) as m_1x:
+            time_analysis(cc, models, tokens, options, device, dtype)
+        with PeakMemory(device) as m_4x:
+            time_analysis(cc, models, tokens4, options, device, dtype)
 
     name = args.model or "tiny random Llama (d=256, 4 layers)"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} thread(s)"
