@@ -34,14 +34,21 @@ def test_sparse_and_dense_windows_agree():
     assert torch.equal(gather_windows(acts, qb, qp, qf, 3, 2), batch.windows(qb, qp, qf, 3, 2))
 
 
-def test_interval_keys_split_in_two_halves():
-    from atlas.stats.intervals import _MIX, _mix31
+def test_interval_keys_from_tables_equal_direct_keys():
+    """The update hashes each token and feature once and combines the tables per entry: the keys it
+    makes that way are :func:`interval_keys` of the entries, half by half."""
+    from atlas.stats.intervals import feature_hashes, key_half, token_hashes
 
-    gtok = torch.arange(0, 10**6, 997)
-    f = torch.full_like(gtok, 5)
-    keys = interval_keys(3, gtok, f)
-    assert torch.equal(keys >> 31, _mix31(3, gtok, f, _MIX[0]))
-    assert torch.equal(keys & (2**31 - 1), _mix31(3, gtok, f, _MIX[1]))
+    g = torch.Generator().manual_seed(0)
+    first_token, n_tokens, offset = 7 * 128, 4 * 128, 1000
+    tok = torch.randint(0, n_tokens, (5000,), generator=g)
+    f = torch.randint(0, 64, (5000,), generator=g)
+    t_hash = token_hashes(3, first_token + torch.arange(n_tokens))
+    f_hash = feature_hashes(3, offset + torch.arange(64))
+    keys = interval_keys(3, first_token + tok, offset + f)
+    assert torch.equal(keys >> 31, key_half(t_hash[0][tok], f_hash[0][f], 0))
+    assert torch.equal(keys & (2**31 - 1), key_half(t_hash[1][tok], f_hash[1][f], 1))
+    assert int(keys.min()) >= 0 and int(keys.max()) < 2**62
 
 
 def test_interval_rescaling_in_blocks_changes_nothing(monkeypatch):

@@ -33,6 +33,7 @@ _MIX = (
     (1103515245, 12345, 48271, 69621, 16807),
     (214013, 2531011, 39373, 630360016, 742938285),
 )
+_FOLD = ((0x5BD1E995, 0x2C1B3C6D), (0x27D4EB2F, 0x165667B1))  # odd multipliers below 2**31, per half
 
 
 def _mix31(seed: int, gtok: torch.Tensor, f: torch.Tensor, consts) -> torch.Tensor:
@@ -47,10 +48,40 @@ def _mix31(seed: int, gtok: torch.Tensor, f: torch.Tensor, consts) -> torch.Tens
     return h
 
 
+def token_hashes(seed: int, gtok: torch.Tensor) -> torch.Tensor:
+    """``[2, N]`` 31-bit hashes of global token indices, one per key half (a batch's tokens: few)."""
+    gtok = gtok.to(torch.int64)
+    zero = torch.zeros_like(gtok)
+    return torch.stack([_mix31(seed, gtok, zero, c) for c in _MIX])
+
+
+def feature_hashes(seed: int, fid: torch.Tensor) -> torch.Tensor:
+    """``[2, F]`` 31-bit hashes of feature ids (in the whole dictionary), one per key half."""
+    fid = fid.to(torch.int64)
+    zero = torch.zeros_like(fid)
+    return torch.stack([_mix31(seed + 1, zero, fid, c) for c in _MIX])
+
+
+def _fold(h: torch.Tensor, a: int) -> torch.Tensor:
+    """One multiply-fold round on 31-bit values: the 62-bit product ``h * a``, its high and low 31
+    bits xor-ed (exact in int64 on every device)."""
+    m = h * a
+    return (m ^ (m >> 31)) & _P
+
+
+def key_half(t_hash: torch.Tensor, f_hash: torch.Tensor, half: int) -> torch.Tensor:
+    """Half ``half`` (0: high 31 bits, 1: low) of the keys of entries whose token and feature hashes
+    (that half's rows of :func:`token_hashes` / :func:`feature_hashes`) are given: their xor, mixed
+    by two multiply-fold rounds. Per entry this is a handful of integer operations; the expensive
+    hashing is per token and per feature."""
+    a, b = _FOLD[half]
+    return _fold(_fold(t_hash ^ f_hash, a), b)
+
+
 def interval_keys(seed: int, gtok: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """Priority keys in ``[0, 2**62)`` (int64) for entries (global token index, feature)."""
-    gtok, f = gtok.to(torch.int64), f.to(torch.int64)
-    return _mix31(seed, gtok, f, _MIX[0]) * (2**31) + _mix31(seed, gtok, f, _MIX[1])
+    th, fh = token_hashes(seed, gtok), feature_hashes(seed, f)
+    return key_half(th[0], fh[0], 0) * (2**31) + key_half(th[1], fh[1], 1)
 
 
 def power_of_two_exponent(x: torch.Tensor) -> torch.Tensor:
@@ -94,23 +125,33 @@ class IntervalSamples:
         batch_max.scatter_reduce_(0, nz_f, nz_vals, reduce="amax")
         new_exp = torch.where(batch_max > 0, power_of_two_exponent(batch_max), UNSET)
         self._rescale(torch.maximum(self.exponent, new_exp))
-        bins = value_bins(nz_vals, self.exponent[nz_f], self.G)
+        bins = value_bins(nz_vals, self.exponent.index_select(0, nz_f), self.G)
         # only keys below a full bin's largest kept key can enter (a bin with a free slot has max EMPTY);
-        # the key's high 31 bits decide for almost all entries, so the low half is hashed for the rest
-        bound = self.key.amax(dim=2)[nz_f, bins]
-        gtok = (nz_b + seq_offset) * T + nz_pos
-        fid = nz_f + self.feature_offset
-        high = _mix31(self.seed, gtok, fid, _MIX[0])
+        # the key's high 31 bits decide for almost all entries, so the low half is made for the rest
+        bound = self.key.amax(dim=2).view(-1).index_select(0, nz_f * self.G + bins)
+        tok = nz_b * T + nz_pos  # the entry's token in the batch
+        t_hash = token_hashes(self.seed, seq_offset * T + torch.arange(batch.acts.shape[0] * T, device=tok.device))
+        f_hash = self._feature_hashes()
+        high = key_half(t_hash[0].index_select(0, tok), f_hash[0].index_select(0, nz_f), 0)
         maybe = (high <= bound >> 31).nonzero(as_tuple=True)[0]
-        keys = high[maybe] * (2**31) + _mix31(self.seed, gtok[maybe], fid[maybe], _MIX[1])
-        hope = maybe[keys < bound[maybe]]
-        keys = keys[keys < bound[maybe]]
+        tok_m, f_m = tok[maybe], nz_f[maybe]
+        keys = high[maybe] * (2**31) + key_half(t_hash[1].index_select(0, tok_m), f_hash[1].index_select(0, f_m), 1)
+        enters = keys < bound[maybe]
+        hope, keys = maybe[enters], keys[enters]
         b, pos, f, vals = nz_b[hope], nz_pos[hope], nz_f[hope], nz_vals[hope]
 
         def windows(entries):
             return batch.windows(b[entries], pos[entries], f[entries], self.before, self.after)
 
         self._insert(f, bins[hope], keys, b + seq_offset, pos, vals, windows)
+
+    def _feature_hashes(self) -> torch.Tensor:
+        """:func:`feature_hashes` of this summary's features (by their ids in the whole dictionary), made once."""
+        cached = getattr(self, "_f_hash", None)
+        if cached is None or cached.device != self.key.device:
+            ids = torch.arange(self.key.shape[0], device=self.key.device) + self.feature_offset
+            cached = self._f_hash = feature_hashes(self.seed, ids)
+        return cached
 
     def merge(self, other: "IntervalSamples") -> "IntervalSamples":
         """``self`` ⊕ ``other`` (in place; returns self). ``other`` is rescaled on a copy."""
