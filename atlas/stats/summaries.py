@@ -20,6 +20,27 @@ from .slots import BatchEntries
 from .top import TopExamples
 
 
+def positive_entries(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entries of ``flat[N, F]`` above zero in row-major order: ``(row, column, value as float32)``.
+
+    On a CPU the scan reads the buffer as 64-bit words (two float32 or four 16-bit values each) and
+    looks only inside the nonzero words: ``nonzero`` costs per element scanned, so this takes a third
+    of the time of ``(flat > 0).nonzero()`` at the density of a sparse dictionary. Negative values and
+    -0.0 (a nonzero word) are dropped by the final ``> 0``.
+    """
+    N, F = flat.shape
+    per_word = 8 // flat.element_size()
+    if flat.device.type != "cpu" or per_word < 2 or F % per_word or not flat.is_contiguous():
+        row, col = (flat > 0).nonzero(as_tuple=True)
+        return row, col, flat.view(-1).index_select(0, row * F + col).float()
+    words = flat.view(-1).view(torch.int64).nonzero().view(-1)
+    elem = (words[:, None] * per_word + torch.arange(per_word, device=flat.device)).view(-1)
+    vals = flat.view(-1).index_select(0, elem)
+    keep = (vals > 0).nonzero().view(-1)
+    elem = elem.index_select(0, keep)
+    return elem // F, elem % F, vals.index_select(0, keep).float()
+
+
 class FeatureSummaries:
     """Scalars and histograms, top examples, interval samples and correlations of ``n_features`` features.
 
@@ -67,9 +88,8 @@ class FeatureSummaries:
         skipped = (~counted).nonzero(as_tuple=True)[0]
         if skipped.numel():
             flat.index_fill_(0, skipped, 0.0)
-        nz_b, nz_pos, nz_f = (acts > 0).nonzero(as_tuple=True)
-        nz_tok = nz_b * T + nz_pos
-        nz_vals = flat.view(-1).index_select(0, nz_tok * F + nz_f).float()
+        nz_tok, nz_f, nz_vals = positive_entries(flat)
+        nz_b, nz_pos = nz_tok // T, nz_tok % T
         n_counted = counted.sum()
         self.scalars.update(n_counted, nz_f, nz_vals)
         batch = BatchEntries(acts, nz_b, nz_pos, nz_f, nz_vals)
