@@ -54,7 +54,7 @@ def _restore_sigterm():
 
 
 def test_two_builds_give_byte_identical_sites(tiny_world, tmp_path, _restore_sigterm):
-    first, second = tmp_path / "one" / "atlas", tmp_path / "two" / "published-site"
+    first, second = tmp_path / "build-qx7" / "atlas", tmp_path / "build-zk9" / "published-site"
     env = dict(os.environ, PYTHONHASHSEED="4242", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", SECOND, *_argv(tiny_world, second)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
@@ -77,6 +77,6 @@ def test_two_builds_give_byte_identical_sites(tiny_world, tmp_path, _restore_sig
         for text in (stamp, stamp[:10]):
             leaks = [name for name, data in a.items() if text.encode() in data]
             assert not leaks, f"the analysis time {text} appears in {leaks[:5]}"
-    for folder in ("one", "two", "atlas.atlas-data", "published-site"):
+    for folder in ("build-qx7", "build-zk9", "atlas.atlas-data", "published-site"):
         leaks = [name for name, data in a.items() if f"/{folder}".encode() in data]
         assert not leaks, f"the output path ({folder}) appears in {leaks[:5]}"
