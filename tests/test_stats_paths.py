@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from atlas.stats.intervals import interval_keys
@@ -72,3 +73,22 @@ def test_interval_rescaling_in_blocks_changes_nothing(monkeypatch):
     blocked = run()
     for name in whole:
         np.testing.assert_array_equal(blocked[name], whole[name], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_cols", [64, 63])
+def test_positive_entries_equal_a_dense_scan(dtype, n_cols):
+    """The word-wise scan finds exactly the entries above zero, in row-major order, whatever the dtype,
+    with negative values, -0.0 and zeros beside active values inside one word (63 columns: the plain path)."""
+    from atlas.stats.summaries import positive_entries
+
+    g = torch.Generator().manual_seed(1)
+    flat = torch.randn(50, n_cols, generator=g)
+    flat[flat.abs() < 1.2] = 0.0
+    flat[3, :8] = torch.tensor([0.0, 2.0, -0.0, -1.0, -0.0, 0.0, 0.5, -0.0])
+    flat = flat.to(dtype)
+    row, col, val = positive_entries(flat)
+    want = (flat > 0).nonzero()
+    assert torch.equal(row, want[:, 0]) and torch.equal(col, want[:, 1])
+    assert val.dtype == torch.float32
+    assert torch.equal(val, flat[want[:, 0], want[:, 1]].float())
