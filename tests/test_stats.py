@@ -241,6 +241,10 @@ def test_logit_effects_brute_force():
             counts, _ = np.histogram(eff, bins=7, range=(eff.min(), eff.max()))
             assert out["hist_counts"][f, s].sum() == 50
             assert np.abs(out["hist_counts"][f, s] - counts).sum() <= 2  # float rounding at bin edges
+    none = logit_effects(W, U, k=0, n_bins=7, max_elements=120)  # no top tokens: the histograms stay
+    assert none["top_ids"].shape == (9, 2, 0) and none["bot_vals"].shape == (9, 2, 0)
+    for name in ("hist_counts", "hist_lo", "hist_hi"):
+        np.testing.assert_array_equal(none[name], out[name])
 
 
 def test_low_precision_activations_fold_as_their_float32_values():

@@ -72,19 +72,19 @@ def logit_effects(W_dec: torch.Tensor, unembeddings: list[torch.Tensor], k: int,
             hi = min(lo + chunk, F)
             c = hi - lo
             eff = W_dec[lo:hi, s].to(dev, torch.float32) @ U  # [c, V]
-            top = eff.topk(k, dim=1, sorted=True)
-            bot = eff.topk(k, dim=1, largest=False, sorted=True)
-            mn, mx = eff.aminmax(dim=1)
+            top = eff.topk(max(k, 1), dim=1, sorted=True)
+            bot = eff.topk(max(k, 1), dim=1, largest=False, sorted=True)
+            mn, mx = bot.values[:, 0], top.values[:, 0]  # sorted: the extremes come first
             span = mx - mn
             inv = torch.where(span > 0, n_bins / span.clamp_min(1e-30), 0.0)
             # int32 bin indices (c · n_bins < 2**31): half the memory traffic of int64
             bins = eff.sub(mn[:, None]).mul_(inv[:, None]).to(torch.int32).clamp_(0, n_bins - 1)
             bins += (torch.arange(c, dtype=torch.int32, device=dev) * n_bins)[:, None]
             counts = torch.bincount(bins.view(-1), minlength=c * n_bins).view(c, n_bins)
-            out["top_ids"][lo:hi, s] = top.indices.cpu().numpy()
-            out["top_vals"][lo:hi, s] = top.values.cpu().numpy()
-            out["bot_ids"][lo:hi, s] = bot.indices.cpu().numpy()
-            out["bot_vals"][lo:hi, s] = bot.values.cpu().numpy()
+            out["top_ids"][lo:hi, s] = top.indices[:, :k].cpu().numpy()
+            out["top_vals"][lo:hi, s] = top.values[:, :k].cpu().numpy()
+            out["bot_ids"][lo:hi, s] = bot.indices[:, :k].cpu().numpy()
+            out["bot_vals"][lo:hi, s] = bot.values[:, :k].cpu().numpy()
             out["hist_counts"][lo:hi, s] = counts.cpu().numpy()
             out["hist_lo"][lo:hi, s] = mn.cpu().numpy()
             out["hist_hi"][lo:hi, s] = mx.cpu().numpy()
