@@ -116,9 +116,9 @@ class FeatureEncoder:
         self.first, self.stop, self.n = first, stop, stop - first
         self.whole = crosscoder.activation == "topk"
         cc = dataclasses.replace(crosscoder) if self.whole else slice_features(crosscoder, self.n, first)
-        # relu / jumprelu: Crosscoder.encode's numbers with one [tokens, F] buffer (bias and activation
-        # applied in place)
-        self.fused = cc.activation in ("relu", "jumprelu") and cc.input_norm is None
+        # relu / jumprelu / topk: Crosscoder.encode's numbers with one [tokens, F] buffer (bias and
+        # activation applied in place)
+        self.fused = cc.activation in ("relu", "jumprelu", "topk") and cc.input_norm is None
         self.crosscoder = cc.to(device=device, dtype=dtype)
         if self.fused:  # a feature slice is a strided view: copy it once, not at every batch
             self.crosscoder.W_enc = self.crosscoder.W_enc.contiguous()
@@ -138,7 +138,10 @@ class FeatureEncoder:
                     xs = xs * cc.input_scale.to(xs.dtype)[None, :, None]
                 f = torch.einsum("bsd,sdf->bf", xs.to(cc.W_enc.dtype), cc.W_enc)  # as Crosscoder.encode
                 f += cc.b_enc
-                if cc.activation == "jumprelu":
+                if cc.activation == "topk":  # the k largest of each row, the rest 0: in the same buffer
+                    vals, idx = f.topk(min(cc.k, f.shape[-1]), dim=-1, sorted=False)
+                    f.zero_().scatter_(-1, idx, vals)
+                elif cc.activation == "jumprelu":
                     f.masked_fill_(f <= cc.threshold, 0.0)
                 f.relu_()
                 if cc.act_scale is not None:

@@ -13,7 +13,7 @@ Shapes (S sources, d model width, F features):
 - ``act_scale[F]``: multiply encoded activations by it before showing them (dictionary_learning's code
   normalisation; ``None`` = ones)
 - activation: ``relu``, ``jumprelu`` (``threshold[F]``: relu(pre) where pre > threshold, else 0), ``topk``
-  (``k``: the k largest of relu(pre)), ``batchtopk`` (inference: ``threshold`` applied to the scaled value)
+  (``k``: the k largest pre-activations, the negative ones among them 0), ``batchtopk`` (inference: ``threshold`` applied to the scaled value)
 
 Encode: ``f = act(einsum("bsd,sdf->bf", x * input_scale, W_enc) + b_enc)`` (times ``act_scale``).
 Input offsets that some formats subtract before encoding (SAELens ``apply_b_dec_to_input``, dictionary_learning
@@ -110,10 +110,9 @@ class Crosscoder:
             f = torch.relu(pre)
         elif self.activation == "jumprelu":
             f = torch.where(pre > self.threshold, torch.relu(pre), torch.zeros_like(pre))
-        elif self.activation == "topk":
-            f = torch.relu(pre)
-            vals, idx = f.topk(min(self.k, f.shape[-1]), dim=-1)
-            f = torch.zeros_like(f).scatter_(-1, idx, vals)
+        elif self.activation == "topk":  # the k largest pre-activations, negative ones shown as 0
+            vals, idx = pre.topk(min(self.k, pre.shape[-1]), dim=-1, sorted=False)
+            f = torch.zeros_like(pre).scatter_(-1, idx, vals.relu_())
         elif self.activation == "batchtopk":
             # Inference mode: a fixed threshold on the code-normalised activation.
             f = torch.relu(pre)

@@ -92,3 +92,30 @@ def test_positive_entries_equal_a_dense_scan(dtype, n_cols):
     assert torch.equal(row, want[:, 0]) and torch.equal(col, want[:, 1])
     assert val.dtype == torch.float32
     assert torch.equal(val, flat[want[:, 0], want[:, 1]].float())
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk", "batchtopk"])
+@pytest.mark.parametrize("features", [(0, 40), (7, 29)])
+def test_feature_encoder_equals_crosscoder_encode(activation, features):
+    """The analysis's encode (one buffer, bias and activation in place; TopK encoded whole and sliced)
+    gives exactly :meth:`Crosscoder.encode`'s activations of the analysed features, with input and
+    activation scales, and TopK rows whose k largest include negative pre-activations."""
+    from atlas.analyze import FeatureEncoder
+    from atlas.crosscoder import Crosscoder, Source
+
+    g = torch.Generator().manual_seed(3)
+    S, d, F = 2, 8, 40
+    b_enc = torch.randn(F, generator=g) - 9.0  # many rows have fewer than k positive pre-activations
+    threshold = {"jumprelu": torch.rand(F, generator=g), "batchtopk": torch.tensor(0.3)}.get(activation)
+    cc = Crosscoder(W_enc=torch.randn(S, d, F, generator=g), W_dec=torch.randn(F, S, d, generator=g),
+                    b_enc=b_enc, b_dec=torch.zeros(S, d), sources=[Source("m", "blocks.0.hook_resid_post")] * S,
+                    activation=activation, threshold=threshold, k=6 if activation == "topk" else None,
+                    input_scale=torch.tensor([0.5, 2.0]), act_scale=torch.rand(F, generator=g) + 0.5)
+    x = torch.randn(3, 5, S, d, generator=g)
+    first, stop = features
+    got = FeatureEncoder(cc, first, stop, "cpu", torch.float32)(x)
+    want = cc.encode(x.reshape(15, S, d))[:, first:stop].reshape(3, 5, stop - first)
+    assert torch.equal(got, want)
+    if activation == "topk":
+        full = cc.encode(x.reshape(15, S, d))
+        assert ((full > 0).sum(1) <= 6).all() and ((full > 0).sum(1) < 6).any()
