@@ -7,7 +7,7 @@ the corpus. At the end it adds the weight-derived statistics (decoder geometry, 
 writes the cache folder (:mod:`atlas.cache`).
 
 The steps, in :func:`run_analysis`: :func:`prepare` (check options, fingerprint the inputs, choose the
-features and this process's batches: a :class:`Plan`) → :func:`_resume` → :func:`_input_scale` →
+features and this process's batches: a :class:`Plan`) → :func:`_resume` → :func:`_estimates` →
 :func:`_fold` (stream a range of batches into the summaries) → combine ranks (torchrun) → finish:
 :func:`assemble` + :func:`write_analysis_cache`, or :func:`atlas.merge.write_shard` for ``--shard``.
 The same code runs one process, each rank of a torchrun job (:mod:`atlas.distributed`: ranks take
@@ -22,7 +22,8 @@ among the whole dictionary, so slices concatenated by ``atlas merge`` equal one 
 Resume files (read and written here only): ``<cache>/state/summaries.pt`` (under torchrun one per rank,
 ``summaries.rank<r>-of-<n>.pt``), a ``torch.save`` dict with ``fingerprint`` (hash of every input that
 shapes the result), ``batches_done`` (the global index of the next batch), ``batches`` (this process's
-range), ``input_scale`` and the summaries' ``state_dict``. It is replaced atomically every ``save_every``
+range), ``input_scale``, ``threshold`` (an estimated BatchTopK threshold, else None) and the summaries'
+``state_dict``. It is replaced atomically every ``save_every``
 batches; a rerun with the same inputs (and the same number of ranks) continues after the last saved batch
 and ends with the same cache as an uninterrupted run. The folder is removed once the cache is complete.
 """
@@ -484,17 +485,21 @@ def _reusable(plan: Plan, cache_dir: Path):
 
 
 def _resume(plan: Plan, cache_dir: Path):
-    """``(summaries, next batch, stored input scale or None)``: from this process's resume file, or fresh."""
+    """``(summaries, next batch, stored (input scale, threshold) or None)``: from this process's resume file,
+    or fresh."""
     summaries = plan.new_summaries()
     path = plan.state_path(cache_dir)
     state = _load_state(path, plan.fingerprint, plan.device)
+    cc = plan.crosscoder
+    if state is not None and cc.activation == "batchtopk" and cc.threshold is None and state.get("threshold") is None:
+        state = None  # written without the estimated threshold this run needs: start over
     if state is not None and state.get("batches", list(plan.mine)) == list(plan.mine) \
             and plan.mine[0] <= int(state["batches_done"]) <= plan.mine[1]:
         summaries.load_state_dict(state["summaries"])
         done = int(state["batches_done"])
         who = f" on rank {plan.comm.rank}" if plan.comm is not None else ""
         print(f"atlas: resuming the analysis{who} after batch {done} (from {path})")
-        return summaries, done, state["input_scale"]
+        return summaries, done, (state["input_scale"], state.get("threshold"))
     return summaries, plan.mine[0], None
 
 
@@ -511,40 +516,89 @@ def _extracted(plan: Plan, batches):
         yield b, lo, hi, x
 
 
-def _input_scale(plan: Plan, stored, stream):
-    """``(input scale [S], stream)``: the checkpoint's, the resume file's, or estimated (see below).
+def _estimates(plan: Plan, stored, stream):
+    """``(input scale [S], BatchTopK threshold or None, stream)``: the checkpoint's values, the resume
+    file's (``stored`` = ``(scale, threshold)``), or estimated over the corpus's first ``scale_batches``
+    batches, whoever analyses them: this process's own batches among them are held and analysed right
+    after (no extra forward); batches of another shard are extracted for the estimate only; torchrun
+    ranks exchange their per-batch values. Every process thus uses the values a single run would.
 
-    The estimate is ``sqrt(d) / mean‖x‖`` per source over the counted non-BOS tokens of the corpus's first
-    ``scale_batches`` batches, whoever analyses them: this process's own batches among them are held and
-    analysed right after (no extra forward); batches of another shard are extracted for the estimate only;
-    torchrun ranks exchange their per-batch sums. Every process thus uses the scale a single run would.
+    The input scale is ``sqrt(d) / mean‖x‖`` per source over the counted non-BOS tokens. A BatchTopK
+    crosscoder saved without its inference threshold (crosscode) gets the one its trainers estimate: per
+    batch of n such tokens, the (k·n)-th largest activation among all features (what batch-level top-k
+    keeps at least), averaged over the batches (:func:`batch_topk_threshold`).
     """
     cc, models = plan.crosscoder, plan.models
-    if cc.input_scale is not None:
-        return cc.input_scale, stream
-    if cc.input_norm is not None:
-        return torch.ones(cc.n_sources), stream  # inputs are normalised per token already
-    n_scale = min(plan.options.scale_batches, plan.n_batches)
-    contributions, held = {}, []
+    scale = cc.input_scale if cc.input_scale is not None else (
+        torch.ones(cc.n_sources) if cc.input_norm is not None else None)  # normalised per token already
+    want_threshold = cc.activation == "batchtopk" and cc.threshold is None
+    if scale is not None and not want_threshold:
+        return scale, cc.threshold, stream
+    n_est = min(plan.options.scale_batches, plan.n_batches)
+    stored_scale, stored_threshold = stored if stored is not None else (None, None)
+    held, batches = [], []
     if stored is None:  # a fresh start: this process's stream begins at its first batch
-        held = list(itertools.islice(stream, max(0, min(plan.mine[1], n_scale) - plan.mine[0])))
-        outside = [b for b in range(n_scale) if not plan.job[0] <= b < plan.job[1]] if plan.lead else []
-        for b, lo, hi, x in held + list(_extracted(plan, outside)):
-            contributions[b] = scale_contribution(x, counted_mask(plan.tokens[lo:hi], models.bos_token_id, True))
-    if plan.comm is not None:
-        gathered = plan.comm.all_gather((stored, contributions))
-        stored = next((s for s, _ in gathered if s is not None), None)
-        contributions = {b: c for _, part in gathered for b, c in part.items()}
-    if stored is not None:
-        return stored, itertools.chain(held, stream)
-    input_scale, n_est = combine_scale([contributions[b] for b in range(n_scale)], cc.d_model)
-    shown = ", ".join(f"{v:.4g}" for v in input_scale.tolist())
-    plan.say(f"atlas: the checkpoint has no input scale; estimated sqrt(d)/mean‖x‖ = [{shown}] per source "
-             f"over {n_est:,} tokens (pass --scale to set it)")
-    return input_scale, itertools.chain(held, stream)
+        held = list(itertools.islice(stream, max(0, min(plan.mine[1], n_est) - plan.mine[0])))
+        outside = [b for b in range(n_est) if not plan.job[0] <= b < plan.job[1]] if plan.lead else []
+        batches = [(b, x, counted_mask(plan.tokens[lo:hi], models.bos_token_id, True))
+                   for b, lo, hi, x in held + list(_extracted(plan, outside))]
+    if scale is None:
+        contributions = {b: scale_contribution(x, mask) for b, x, mask in batches}
+        stored_scale, contributions = _agree(plan, stored_scale, contributions)
+        if stored_scale is not None:
+            scale = stored_scale
+        else:
+            scale, n_tok = combine_scale([contributions[b] for b in range(n_est)], cc.d_model)
+            shown = ", ".join(f"{v:.4g}" for v in scale.tolist())
+            plan.say(f"atlas: the checkpoint has no input scale; estimated sqrt(d)/mean‖x‖ = [{shown}] per "
+                     f"source over {n_tok:,} tokens (pass --scale to set it)")
+    threshold = cc.threshold
+    if want_threshold:
+        weights = dataclasses.replace(cc, input_scale=torch.as_tensor(scale, dtype=torch.float32))
+        contributions = {b: batch_topk_threshold(weights, x, mask, plan.device, plan.dtype) for b, x, mask in batches}
+        stored_threshold, contributions = _agree(plan, stored_threshold, contributions)
+        if stored_threshold is not None:
+            threshold = torch.as_tensor(stored_threshold, dtype=torch.float32)
+        else:
+            values = [contributions[b] for b in range(n_est)]
+            threshold = torch.tensor(sum(values) / len(values), dtype=torch.float32)
+            plan.say(f"atlas: the BatchTopK checkpoint has no inference threshold; estimated {float(threshold):.4g} "
+                     f"(k = {cc.k} per token on average) over the first {n_est} batches")
+    return scale, threshold, itertools.chain(held, stream)
 
 
-def _fold(plan: Plan, summaries, stream, encode, state_path: Path, input_scale, first_batch: int) -> None:
+def _agree(plan: Plan, stored, contributions: dict):
+    """Under torchrun, every rank's ``(stored value, per-batch contributions)`` gathered: the first stored
+    value any rank has, and the union of the contributions. Otherwise the arguments unchanged."""
+    if plan.comm is None:
+        return stored, contributions
+    gathered = plan.comm.all_gather((stored, contributions))
+    stored = next((s for s, _ in gathered if s is not None), None)
+    return stored, {b: c for _, part in gathered for b, c in part.items()}
+
+
+def batch_topk_threshold(crosscoder, x: torch.Tensor, mask: torch.Tensor, device, dtype,
+                         block: int = 4096) -> float:
+    """The activation batch-level top-k keeps at least on one batch: with ``n`` tokens in ``mask`` and
+    ``k = crosscoder.k``, the (k·n)-th largest of the activations (relu of the pre-activation, times
+    ``act_scale`` where set) of every feature at those tokens, 0 when fewer are positive. Computed over
+    blocks of features with a running top-(k·n), in the encode's device and dtype."""
+    xs = x.reshape(-1, *x.shape[2:])[mask.reshape(-1).to(x.device)].to(device)
+    want = int(crosscoder.k) * xs.shape[0]
+    if want == 0:
+        return 0.0
+    best = torch.empty(0, dtype=dtype, device=device)
+    F = crosscoder.n_features
+    for lo in range(0, F, block):
+        part = slice_features(crosscoder, min(block, F - lo), lo)
+        part = dataclasses.replace(part, activation="relu", threshold=None).to(device=device, dtype=dtype)
+        acts = part.encode(xs).reshape(-1)  # relu(pre) × act_scale
+        best = torch.cat([best, acts.topk(min(want, acts.numel())).values])
+        best = best.topk(min(want, best.numel())).values
+    return float(best[want - 1]) if best.numel() >= want else 0.0
+
+
+def _fold(plan: Plan, summaries, stream, encode, state_path: Path, estimates: tuple, first_batch: int) -> None:
     """Encode each extracted batch and fold it into ``summaries``; save the resume file on the way."""
     from tqdm.auto import tqdm
 
@@ -558,7 +612,7 @@ def _fold(plan: Plan, summaries, stream, encode, state_path: Path, input_scale, 
 
     def save(batches: int) -> None:
         save_torch_atomic(state_path, {"fingerprint": plan.fingerprint, "batches_done": batches,
-                                 "batches": list(plan.mine), "input_scale": input_scale,
+                                 "batches": list(plan.mine), "input_scale": estimates[0], "threshold": estimates[1],
                                  "summaries": summaries.state_dict()})
 
     try:
@@ -658,8 +712,11 @@ def neighbours_in_dictionary(W_all: torch.Tensor, first: int, stop: int, n: int,
     return {"neighbours": ids, "neighbour_cos": cos}
 
 
-def make_manifest(plan: Plan, input_scale, widths, n_tokens: int) -> "cache_format.Manifest":
+def make_manifest(plan: Plan, input_scale, threshold, widths, n_tokens: int) -> "cache_format.Manifest":
     cc = plan.crosscoder
+    batchtopk = {}
+    if cc.activation == "batchtopk":
+        batchtopk = {"batchtopk_threshold": float(threshold), "batchtopk_threshold_estimated": cc.threshold is None}
     return cache_format.Manifest(
         sources=[cache_format.SourceInfo(model=s.model, site=s.site, d_model=w)
                  for s, w in zip(plan.models.sources, widths)],
@@ -670,7 +727,7 @@ def make_manifest(plan: Plan, input_scale, widths, n_tokens: int) -> "cache_form
             "input_scale_estimated": bool(cc.input_scale is None), "dtype": str(plan.dtype).replace("torch.", ""),
             "fingerprint": plan.fingerprint, "inputs_fingerprint": plan.inputs_fingerprint,
             "neighbours_among": plan.among,
-        },
+        } | batchtopk,
         dataset=plan.options.dataset, feature_offset=plan.first,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
@@ -746,13 +803,13 @@ def run_analysis(crosscoder, models, tokens: torch.Tensor, options: AnalysisOpti
             return reused
 
     # stream this process's batches into its summaries (resuming after the last saved batch)
-    summaries, next_batch, stored_scale = _resume(plan, cache_dir)
+    summaries, next_batch, stored = _resume(plan, cache_dir)
     stream = _extracted(plan, range(next_batch, plan.mine[1]))
-    input_scale, stream = _input_scale(plan, stored_scale, stream)
+    input_scale, threshold, stream = _estimates(plan, stored, stream)
     input_scale = torch.as_tensor(input_scale, dtype=torch.float32).cpu()
-    encode = FeatureEncoder(dataclasses.replace(crosscoder, input_scale=input_scale), plan.first, plan.stop,
-                            device, dtype)
-    _fold(plan, summaries, stream, encode, plan.state_path(cache_dir), input_scale, next_batch)
+    encode = FeatureEncoder(dataclasses.replace(crosscoder, input_scale=input_scale, threshold=threshold),
+                            plan.first, plan.stop, device, dtype)
+    _fold(plan, summaries, stream, encode, plan.state_path(cache_dir), (input_scale, threshold), next_batch)
 
     # combine the ranks' summaries on rank 0, which finishes: a shard, or the cache
     if comm is not None:
@@ -761,7 +818,7 @@ def run_analysis(crosscoder, models, tokens: torch.Tensor, options: AnalysisOpti
     if plan.lead:
         # weight-derived inputs: a shard other than the first leaves them to shard 0
         inputs = finish_inputs(plan, encode) if shard is None or shard[0] == 0 else None
-        manifest = make_manifest(plan, input_scale, plan.models.widths, int(summaries.scalars.n_tokens))
+        manifest = make_manifest(plan, input_scale, threshold, plan.models.widths, int(summaries.scalars.n_tokens))
         if shard is not None:
             from .merge import write_shard
 

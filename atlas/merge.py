@@ -220,13 +220,16 @@ def _check_shard_set(shards: list[_Input]) -> None:
 
 
 def _check_same_scale(items: list[_Input]) -> None:
-    """Every process estimates the input scale from the same batches: refuse shards whose scales differ."""
-    base = np.asarray(items[0].manifest.checkpoint["input_scale"], dtype=np.float64)
-    for item in items[1:]:
-        other = np.asarray(item.manifest.checkpoint["input_scale"], dtype=np.float64)
-        if other.shape != base.shape or not np.allclose(other, base, rtol=1e-4, atol=0):
-            raise AtlasError(f"{items[0].folder} and {item.folder} used different input scales ({base.tolist()} "
-                             f"vs {other.tolist()}): rerun the shards with the same --scale")
+    """Every process estimates the input scale (and a missing BatchTopK threshold) from the same batches:
+    refuse shards whose values differ."""
+    for key, what, fix in (("input_scale", "input scales", "the same --scale"),
+                           ("batchtopk_threshold", "BatchTopK thresholds", "the same inputs and options")):
+        base = np.asarray(items[0].manifest.checkpoint.get(key, np.nan), dtype=np.float64)
+        for item in items[1:]:
+            other = np.asarray(item.manifest.checkpoint.get(key, np.nan), dtype=np.float64)
+            if other.shape != base.shape or not np.allclose(other, base, rtol=1e-4, atol=0, equal_nan=True):
+                raise AtlasError(f"{items[0].folder} and {item.folder} used different {what} ({base.tolist()} "
+                                 f"vs {other.tolist()}): rerun the shards with {fix}")
 
 
 def merge_shards(shards: list[_Input], device="cpu") -> "cache_format.Cache":

@@ -509,12 +509,22 @@ def test_crosscode_unfolded_sae_without_run_config(tmp_path):
     assert_encode_matches(cc, x, ref_crosscode(sd, "relu", x[:, 0]))
 
 
-def test_crosscode_batchtopk_reads_as_topk(tmp_path):
+def test_crosscode_batchtopk_leaves_its_threshold_to_the_analysis(tmp_path):
+    """crosscode saves no inference threshold for BatchTopK: the loader keeps k and no threshold (the
+    analysis estimates it, see tests/test_batchtopk.py); a threshold put in encodes as crosscode's
+    batch-level top-k does over a batch whose cut-off is that threshold."""
     g = torch.Generator().manual_seed(42)
     path = write_crosscode(tmp_path, g, activation="batchtopk")
     cc = load_checkpoint(path)
-    assert cc.activation == "topk" and cc.k == 5
-    assert any("BatchTopK" in w for w in cc.extra["warnings"])
+    assert cc.activation == "batchtopk" and cc.k == 5 and cc.threshold is None
+    assert any("estimates" in n for n in cc.extra["notes"]) and not cc.extra["warnings"]
+    sd = torch.load(path, weights_only=True)
+    x = inputs(g, 4, 12)
+    pre = ref_crosscode(sd, "relu", x.reshape(-1, 2, 2, 12))  # relu of the pre-activations
+    ranked = pre.reshape(-1).topk(5 * pre.shape[0] + 1).values  # batch-level top-k over these tokens, and one more
+    cc.threshold = (ranked[-2] + ranked[-1]) / 2  # a cut-off between the last kept value and the next
+    want = torch.where(pre >= ranked[-2], pre, 0.0)
+    assert_encode_matches(cc, x, want)
 
 
 # =========================================================================== SAELens

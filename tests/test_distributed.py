@@ -136,13 +136,40 @@ def test_three_gloo_ranks_reduce_to_what_one_process_merges(tmp_path):
 # --------------------------------------------------------------------------- end to end
 
 
+def _crosscode_batchtopk(w, folder: Path, k: int = 3) -> Path:
+    """The tiny two-model crosscoder saved as crosscode saves a BatchTopK crosscoder: no inference
+    threshold, no normalisation factors (``is_folded`` false), models and hook point in the run config."""
+    import yaml
+
+    sd = torch.load(w.crosscoder_ckpt, weights_only=True)
+    W_enc, W_dec = sd["W_enc"].float(), sd["W_dec"].float()  # [S, d, F], [F, S, d]
+    S, d, F = W_enc.shape
+    ckpt = folder / "epoch_0_step_10"
+    ckpt.mkdir(parents=True)
+    torch.save({"_W_enc_XiDiL": W_enc.reshape(S, 1, d, F), "_W_dec_LXoDo": W_dec.reshape(F, S, 1, d),
+                "b_enc_L": sd["b_enc"].float(), "_b_dec_XoDo": sd["b_dec"].float().reshape(S, 1, d),
+                "is_folded": torch.tensor(False)}, ckpt / "model.pt")
+    (ckpt / "model_cfg.yaml").write_text(yaml.dump({
+        "n_models": S, "n_hookpoints": 1, "d_model": d, "n_latents": F,
+        "activation_fn": {"classname": "BatchTopkActivation", "cfg": {"k_per_example": k}}}))
+    (folder / "experiment_config.yaml").write_text(yaml.dump({
+        "data": {"activations_harvester": {"llms": [{"name": str(w.llama_dir)}, {"name": str(w.llama_chat_dir)}]}},
+        "hookpoints": [w.hook_point]}))
+    return ckpt / "model.pt"
+
+
 @pytest.mark.slow
-def test_torchrun_two_ranks_equal_one_process(tiny_world, tmp_path):
+@pytest.mark.parametrize("checkpoint", ["ckkissane", "crosscode-batchtopk"])
+def test_torchrun_two_ranks_equal_one_process(tiny_world, tmp_path, checkpoint):
+    """Also for a crosscode BatchTopK crosscoder, whose missing threshold the ranks estimate together."""
     from test_merge import assert_same_cache
 
     w = tiny_world
-    common = [str(w.crosscoder_ckpt), "--model", str(w.llama_dir), "--model", str(w.llama_chat_dir),
-              "--dataset", str(w.corpus_jsonl), "-n", "0", "-s", "22", "--seq-len", "24", "--batch-size", "5",
+    if checkpoint == "ckkissane":
+        source = [str(w.crosscoder_ckpt), "--model", str(w.llama_dir), "--model", str(w.llama_chat_dir)]
+    else:
+        source = [str(_crosscode_batchtopk(w, tmp_path / "run"))]
+    common = [*source, "--dataset", str(w.corpus_jsonl), "-n", "0", "-s", "22", "--seq-len", "24", "--batch-size", "5",
               "--top-k", "5", "--seed", "3", "--device", "cpu"]
     assert main(["analyze", *common, "-o", str(tmp_path / "single")]) == 0
 
@@ -154,7 +181,12 @@ def test_torchrun_two_ranks_equal_one_process(tiny_world, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.count("atlas: analysed 64 features") == 1  # rank 0 reports, once
     assert not (tmp_path / "ranks" / "state").exists()
-    assert_same_cache(read_cache(tmp_path / "ranks"), read_cache(tmp_path / "single"))
+    single = read_cache(tmp_path / "single")
+    assert_same_cache(read_cache(tmp_path / "ranks"), single)
+    if checkpoint != "ckkissane":
+        assert single.manifest.checkpoint["batchtopk_threshold_estimated"] is True
+        assert single.manifest.checkpoint["batchtopk_threshold"] > 0
+        assert res.stdout.count("estimated") >= 2  # the scale and the threshold, reported once each
 
 
 # --------------------------------------------------------------------------- remote execution (NDIF)

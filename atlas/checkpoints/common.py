@@ -350,12 +350,17 @@ def validate(cc: Crosscoder, raw: RawCheckpoint) -> None:
             cc.threshold = cc.threshold.expand(F).clone()
         expect_shape(raw, "threshold", cc.threshold, (F,), f"W_enc {fmt_shape(cc.W_enc.shape)}")
     elif cc.activation == "batchtopk":
-        if cc.threshold is None or cc.threshold.numel() != 1:
+        if cc.threshold is None:  # estimated by the analysis from k (crosscode saves no threshold)
+            if not isinstance(cc.k, int) or cc.k <= 0:
+                raise AtlasError(f"{raw.path}: a BatchTopK checkpoint needs its inference threshold, or its k to "
+                                 "estimate one; this one has neither")
+        elif cc.threshold.numel() != 1:
             raise AtlasError(
                 f"{raw.path}: a BatchTopK checkpoint needs one inference threshold; this one has "
-                f"{'none' if cc.threshold is None else fmt_shape(cc.threshold.shape)}"
+                f"{fmt_shape(cc.threshold.shape)}"
             )
-        cc.threshold = cc.threshold.reshape(())
+        else:
+            cc.threshold = cc.threshold.reshape(())
     elif cc.activation == "topk":
         try:
             k = int(cc.k)

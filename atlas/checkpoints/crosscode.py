@@ -8,7 +8,7 @@ bias), ``_b_dec_XoDo[*Xo, d]`` (absent without decoder bias), JumpReLU ``activat
 folded into the weights (``is_folded``); they are unfolded here into ``input_scale`` so that ``W_dec`` stays
 in the space the crosscoder was trained in. ``model_cfg.yaml`` names the activation function
 (``ReLUActivation``, ``AnthropicSTEJumpReLUActivation``, ``TopkActivation`` ``{k}``, ``BatchTopkActivation``
-``{k_per_example}``) and the dims; model ids and hook points come from the run's ``experiment_config.yaml``
+``{k_per_example}``: no inference threshold is saved, the analysis estimates it) and the dims; model ids and hook points come from the run's ``experiment_config.yaml``
 (``data.activations_harvester.llms[].name``, ``hookpoints``) one or two folders up, or from the options.
 """
 
@@ -148,11 +148,11 @@ def _activation(raw: RawCheckpoint, cfg: dict, cfg_path, F: int, opts: Options):
         k = params.get("k_per_example")
         if k is None:
             raise AtlasError(f"{cfg_path}: BatchTopkActivation without k_per_example; fix model_cfg.yaml")
-        opts.warnings.append(
-            f"BatchTopK without a stored inference threshold: read as TopK with k = {k} per token "
-            "(an approximation of batch-level top-k)"
+        opts.notes.append(
+            f"BatchTopK (k = {k} per token on average) saved without an inference threshold: the analysis "
+            "estimates one over the corpus's first batches, as BatchTopK trainers do"
         )
-        return "topk", None, cfg_number(k, "activation_fn.cfg.k_per_example", cfg_path)
+        return "batchtopk", None, cfg_number(k, "activation_fn.cfg.k_per_example", cfg_path)
     raise AtlasError(
         f"{cfg_path}: activation function {cls!r} is not supported; supported: ReLUActivation, "
         "AnthropicSTEJumpReLUActivation, TopkActivation, BatchTopkActivation"

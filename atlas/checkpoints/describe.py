@@ -22,6 +22,9 @@ def _activation(cc: Crosscoder) -> str:
         k = cc.extra.get("k")
         ktxt = f"trained with k = {k}; " if k is not None else ""
         on = "the code-normalised activation" if cc.act_scale is not None else "the activation"
+        if cc.threshold is None:
+            return (f"batchtopk (k = {cc.k} per token on average; no inference threshold saved: the analysis "
+                    f"estimates it over the corpus's first batches, on {on})")
         return f"batchtopk ({ktxt}inference threshold {float(cc.threshold):.4g} on {on})"
     return cc.activation
 
