@@ -35,7 +35,8 @@ def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME",
         help="hook point the crosscoder reads, e.g. blocks.6.hook_resid_post, blocks.6.hook_mlp_out, "
-        "blocks.6.attn.hook_z, blocks.6.mlp.hook_post or a module path (default: from the checkpoint's cfg)",
+        "blocks.6.attn.hook_z (one head: blocks.6.attn.hook_z.head3), blocks.6.mlp.hook_post or a module path "
+        "(default: from the checkpoint's cfg)",
     )
     p.add_argument(
         "--scale",

@@ -11,7 +11,8 @@ Hook names (a crosscoder source's ``site``):
   one), ``attn_out`` / ``mlp_out`` (output of the block's attention / MLP module), and
   ``blocks.L.attn.hook_z`` (or ``blocks.L.hook_z``): the attention heads' outputs before the output
   projection, flattened over heads (``[n_heads × d_head]``, head-major, as TransformerLens flattens
-  ``hook_z``), read as the input of that projection (``o_proj``, ``c_proj``, ``out_proj`` or ``dense``).
+  ``hook_z``), read as the input of that projection (``o_proj``, ``c_proj``, ``out_proj`` or ``dense``);
+  ``blocks.L.attn.hook_z.headH`` reads head H's ``d_head`` columns of it (SAELens ``hook_head_index``).
   A decoder direction there reaches the residual stream through the projection, so the logit effects of
   such a source go through it (:meth:`ModelSet.unembeddings`).
 - ``blocks.L.mlp.hook_post``: the MLP's hidden activations (after the nonlinearity, and the gate where
@@ -39,7 +40,7 @@ import torch
 from .errors import AtlasError
 
 HOOK_PATTERN = re.compile(
-    r"^blocks\.(\d+)\.(?:hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)|(?:attn\.)?hook_(z)"
+    r"^blocks\.(\d+)\.(?:hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)|(?:attn\.)?hook_(z)(?:\.head(\d+))?"
     r"|mlp\.hook_(post))$")
 HOOK_EXAMPLES = ("blocks.6.hook_resid_post, blocks.6.hook_resid_pre, blocks.6.hook_mlp_out, blocks.6.attn.hook_z, "
                  "model.layers.6")
@@ -94,13 +95,15 @@ class ResolvedSite:
 
     ``to_residual``: for a site outside the residual stream's space (``hook_z``, ``mlp.hook_post``), the
     module path of the linear map that carries it there (the attention's or MLP's output projection);
-    None for the others, whose activations are added to the residual stream as they are.
+    None for the others, whose activations are added to the residual stream as they are. ``columns``:
+    the part of that value a source reads, for one attention head's ``hook_z`` (``[h·d_head, (h+1)·d_head)``).
     """
 
     hook: str
     module_path: str
     port: str
     to_residual: str | None = None
+    columns: tuple[int, int] | None = None  # [lo, hi) of the value's last dim read (one head of hook_z)
 
 
 def _has_module(model: torch.nn.Module, path: str) -> bool:
@@ -127,6 +130,23 @@ def find_blocks(model: torch.nn.Module) -> str:
     )
 
 
+def _head_columns(model: torch.nn.Module, projection: str, head: int, hook: str) -> tuple[int, int]:
+    """Columns ``[head·d_head, (head+1)·d_head)`` of the attention output projection's input (heads flattened
+    head-major), with the number of heads from the model's config."""
+    cfg = getattr(model, "config", None)
+    n_heads = next((getattr(cfg, k) for k in ("num_attention_heads", "n_head", "num_heads")
+                    if isinstance(getattr(cfg, k, None), int)), None)
+    width = _into_residual(model.get_submodule(projection), projection).shape[0]
+    if not n_heads or width % n_heads:
+        raise AtlasError(f"{hook}: cannot tell the attention heads of {type(model).__name__} apart (heads: "
+                         f"{n_heads}, projection input: {width}): pass --hook-point with the whole hook_z")
+    if head >= n_heads:
+        raise AtlasError(f"hook point {hook!r} names head {head} but the model has {n_heads} heads "
+                         f"(0..{n_heads - 1}): pass another --hook-point")
+    d_head = width // n_heads
+    return head * d_head, (head + 1) * d_head
+
+
 def _module_path_examples(model: torch.nn.Module, n: int = 5) -> list[str]:
     lists = [name for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
     return [f"{name}.0" for name in lists[:n]] or ["model.layers.0"]
@@ -136,7 +156,7 @@ def resolve_hook(model: torch.nn.Module, hook: str) -> ResolvedSite:
     """Map a hook name (TransformerLens style or module path) onto a module of ``model``."""
     m = HOOK_PATTERN.match(hook)
     if m:
-        layer, kind = int(m.group(1)), m.group(2) or m.group(3) or m.group(4)
+        layer, kind = int(m.group(1)), m.group(2) or m.group(3) or m.group(5)
         blocks = find_blocks(model)
         n = len(model.get_submodule(blocks))
         if layer >= n:
@@ -156,7 +176,8 @@ def resolve_hook(model: torch.nn.Module, hook: str) -> ResolvedSite:
             for proj in _OUT_PROJECTIONS:
                 path = f"{block}.{attn}.{proj}"
                 if _has_module(model, path):
-                    return ResolvedSite(hook, path, "input", to_residual=path)
+                    columns = None if m.group(4) is None else _head_columns(model, path, int(m.group(4)), hook)
+                    return ResolvedSite(hook, path, "input", to_residual=path, columns=columns)
         if kind == "post":
             for proj in _DOWN_PROJECTIONS:
                 path = f"{block}.{mlp}.{proj}" if mlp else f"{block}.{proj}"
@@ -359,7 +380,7 @@ class ModelSet:
                                   remote=self.remote)
             by_site = {(p, port): v for (_, p, port), v in zip(reads, values)}
             for i in idx:
-                out[i] = by_site[(self.sites[i].module_path, self.sites[i].port)]
+                out[i] = _columns(by_site[(self.sites[i].module_path, self.sites[i].port)], self.sites[i])
         return torch.stack(out, dim=2).to(self.device)
 
     def unembeddings(self) -> list[torch.Tensor]:
@@ -384,10 +405,11 @@ class ModelSet:
                     self._unembed_cache[src.model] = _unembedding(self.hf_models[src.model], self.vocab_size)
             U = self._unembed_cache[src.model]
             if site.to_residual is not None:
-                key = (src.model, site.to_residual)
+                key = (src.model, site.to_residual, site.columns)
                 if key not in self._unembed_cache:  # local models only (load_remote_models refuses these sites)
                     proj = self.hf_models[src.model].get_submodule(site.to_residual)
-                    self._unembed_cache[key] = (_into_residual(proj, site.to_residual).to(U.device) @ U).contiguous()
+                    W = _columns(_into_residual(proj, site.to_residual).T, site).T  # the rows the source reads
+                    self._unembed_cache[key] = (W.to(U.device) @ U).contiguous()
                 U = self._unembed_cache[key]
             result.append(U)
         return result
@@ -452,6 +474,11 @@ def _final_norm_weight(model: torch.nn.Module, d: int) -> torch.Tensor:
                 probe = torch.full((1, 1, d), 1e3, dtype=dtype, device=device)
                 return norm(probe).float().reshape(d)
     return torch.ones(d)
+
+
+def _columns(value: torch.Tensor, site: ResolvedSite) -> torch.Tensor:
+    """The part of a site's value its source reads (:attr:`ResolvedSite.columns`), or all of it."""
+    return value if site.columns is None else value[..., site.columns[0]:site.columns[1]]
 
 
 def _into_residual(module: torch.nn.Module, path: str) -> torch.Tensor:
@@ -528,7 +555,7 @@ def load_models(sources: list, device: torch.device, dtype: torch.dtype, remote:
     for spec, hf in hf_models.items():
         idx = [i for i, s in enumerate(sources) if s.model == spec]
         for i, (o, w) in zip(idx, probe_sites(hf, [sites[i] for i in idx], probe)):
-            order[i], widths[i] = o, w
+            order[i], widths[i] = o, (w if sites[i].columns is None else sites[i].columns[1] - sites[i].columns[0])
     return ModelSet(sources=list(sources), models=models, hf_models=hf_models, tokenizer=tokenizer,
                     sites=sites, widths=widths, device=device, dtype=dtype, _order=order)
 

@@ -119,6 +119,38 @@ def test_build_saelens_hook_z(tmp_path, capsys, tiny_world):
     np.testing.assert_array_equal(logits["top_ids"][:, 0, :4], want.indices.numpy())
 
 
+def test_build_saelens_one_attention_head(tmp_path, capsys, tiny_world):
+    """An SAE on one head of hook_z (SAELens ``hook_head_index``): it reads that head's d_head columns,
+    and its logit effects go through that head's rows of the output projection."""
+    import numpy as np
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    d_head, head = D // 2, 1  # the tiny GPT-2 has 2 heads
+    g = torch.Generator().manual_seed(7)
+    folder = tmp_path / "sae"
+    write_saelens(folder, g, "standard", d=d_head, F=16)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["metadata"].update(model_name=str(tiny_world.gpt2_dir), hook_name="blocks.1.attn.hook_z", hook_head_index=head)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    m = build(capsys, tmp_path, tiny_world, folder)
+    assert sources(m) == [(str(tiny_world.gpt2_dir), "blocks.1.attn.hook_z.head1")]
+    assert m["sources"][0]["d_model"] == d_head
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_world.gpt2_dir).eval()
+    proj, norm = hf.transformer.h[1].attn.c_proj, hf.transformer.ln_f
+    W_dec = load_file(str(folder / "sae_weights.safetensors"))["W_dec"].float()  # [F, d_head]
+    z = torch.zeros(W_dec.shape[0], D)
+    z[:, head * d_head:(head + 1) * d_head] = W_dec  # the directions placed in head 1 of hook_z
+    with torch.inference_mode():
+        resid = proj(z) - proj(torch.zeros(1, D))
+        effects = (resid * norm.weight) @ hf.lm_head.weight.T  # [F, V]
+    logits = np.load(tmp_path / "site.atlas-data" / "logits.npz")
+    want = torch.topk(effects[:6], 4, dim=1)
+    np.testing.assert_allclose(logits["top_vals"][:, 0, :4], want.values.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(logits["top_ids"][:, 0, :4], want.indices.numpy())
+
+
 def test_build_neel_sae_on_mlp_neurons(tmp_path, capsys, tiny_world):
     """An SAE of Neel Nanda's 1L-Sparse-Autoencoder kind on MLP neurons (site ``post``): it reads the MLP's
     hidden activations, and its logit effects go through the MLP's output projection."""

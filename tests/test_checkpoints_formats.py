@@ -572,6 +572,29 @@ def write_saelens(folder: Path, g, arch="standard", *, d=16, F=32, dtype="fp32",
     return folder / "sae_weights.safetensors"
 
 
+def test_saelens_head_index_reads_one_head_of_hook_z(tmp_path):
+    """``hook_head_index`` on hook_z becomes the site ``hook_z.headH``; on another hook (hook_q) it
+    cannot be read: refused when loading for a build, a warning in ``atlas inspect``."""
+    from atlas.checkpoints import describe_checkpoint
+
+    g = torch.Generator().manual_seed(50)
+    for hook, head in (("blocks.3.attn.hook_z", 5), ("blocks.3.hook_z", 0)):
+        folder = tmp_path / hook
+        write_saelens(folder, g, d=8)
+        cfg = json.loads((folder / "cfg.json").read_text())
+        cfg["metadata"].update(hook_name=hook, hook_head_index=head)
+        (folder / "cfg.json").write_text(json.dumps(cfg))
+        assert load_checkpoint(folder).sources[0].site == f"{hook}.head{head}"
+    folder = tmp_path / "q"
+    write_saelens(folder, g, d=8)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["metadata"].update(hook_name="blocks.3.attn.hook_q", hook_head_index=2)
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(AtlasError, match="only hook_z heads"):
+        load_checkpoint(folder)
+    assert "only hook_z heads" in describe_checkpoint(folder)
+
+
 def ref_saelens(arch: str, sd: dict, cfg: dict, x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """SAELens ``SAE.encode`` for each architecture on ``x[B, d]``."""
     sd = {k: F32(v) for k, v in sd.items()}

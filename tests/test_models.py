@@ -177,6 +177,23 @@ def test_logit_effects_go_through_the_output_projection(tiny_world, family, hook
     torch.testing.assert_close(U_site, basis @ U_resid, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family, n_heads", [("gpt2", 2), ("llama", 4)])  # the Llama has grouped KV heads
+def test_one_head_of_hook_z(tiny_world, tokens, family, n_heads):
+    """``hook_z.headH`` is head H's d_head columns of hook_z (heads flattened head-major), and its
+    unembedding is the matching rows of hook_z's; a head past the last names the count."""
+    path = str(getattr(tiny_world, f"{family}_dir"))
+    whole = load_models([Source(path, "blocks.1.attn.hook_z")], CPU, torch.float32)
+    d_head = whole.widths[0] // n_heads
+    for head in (0, n_heads - 1):
+        ms = load_models([Source(path, f"blocks.1.attn.hook_z.head{head}")], CPU, torch.float32)
+        assert ms.widths == [d_head]
+        cols = slice(head * d_head, (head + 1) * d_head)
+        torch.testing.assert_close(ms.extract(tokens), whole.extract(tokens)[..., cols], rtol=0, atol=0)
+        torch.testing.assert_close(ms.unembeddings()[0], whole.unembeddings()[0][cols], rtol=0, atol=0)
+    with pytest.raises(AtlasError, match=f"{n_heads} heads"):
+        load_models([Source(path, f"blocks.1.hook_z.head{n_heads}")], CPU, torch.float32)
+
+
 def test_hook_z_of_a_model_without_attention_projection_names_the_option(tiny_world, monkeypatch):
     import atlas.models as models
 

@@ -14,6 +14,7 @@ and ``rescale_acts_by_decoder_norm`` (TopK; folded into the weights). The hook p
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -156,14 +157,19 @@ def convert(raw: RawCheckpoint, opts: Options) -> Crosscoder:
         b_enc = b_enc - b_dec @ W_enc
         opts.notes.append("apply_b_dec_to_input: encode(x − b_dec) folded into b_enc")
 
-    if _get(cfg, "hook_head_index") is not None:
-        msg = f"the SAE reads one attention head (hook_head_index {_get(cfg, 'hook_head_index')}), which the atlas does not support"
-        if opts.strict:
-            raise AtlasError(f"{cfg_path}: {msg}; use an SAE trained on the whole hook")
-        opts.warnings.append(msg)
-
     model_name = _get(cfg, "model_name")
     hook = _get(cfg, "hook_name") or _get(cfg, "hook_point")
+    head = _get(cfg, "hook_head_index")
+    if head is not None:  # one head of hook_z: its d_head columns (atlas.models ``hook_z.headH``)
+        head = cfg_number(head, "hook_head_index", cfg_path)
+        if isinstance(hook, str) and re.fullmatch(r"blocks\.\d+\.(attn\.)?hook_z", hook) and head >= 0:
+            hook = f"{hook}.head{head}"
+            opts.notes.append(f"hook_head_index {head}: reads head {head} of {hook.rsplit('.', 1)[0]}")
+        else:
+            msg = f"the SAE reads one attention head (hook_head_index {head}) of {hook!r}; only hook_z heads are supported"
+            if opts.strict:
+                raise AtlasError(f"{cfg_path}: {msg}: use an SAE trained on a supported hook")
+            opts.warnings.append(msg)
     desc = f"its cfg ({cfg_path.name})"
     model = complete_models(1, [model_name] if isinstance(model_name, str) else [], opts, desc)[0]
     site = complete_sites(1, [hook] if isinstance(hook, str) else None, opts, desc)[0]
