@@ -40,6 +40,7 @@ tokens: not all dead, not all dense.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -307,3 +308,26 @@ def small_analysis_options():
     return AnalysisOptions(n_features=0, batch_size=5, top_k=5, seed=3, dataset="tiny", n_intervals=4,
                            interval_k=3, window_before=4, window_after=2, logit_k=6, logit_hist_bins=9,
                            n_neighbours=3, scale_batches=2, progress=False)
+
+
+@contextlib.contextmanager
+def interrupted_at_update(monkeypatch, n: int, after: bool = False):
+    """Inside the block, the ``n``-th call of ``FeatureSummaries.update`` raises KeyboardInterrupt (Ctrl-C
+    in the middle of that batch): before changing the summaries, or ``after`` changing them."""
+    from atlas.stats import FeatureSummaries
+
+    real_update, calls = FeatureSummaries.update, []
+
+    def update(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            if after:
+                real_update(self, *args, **kwargs)
+            raise KeyboardInterrupt
+        return real_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureSummaries, "update", update)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(FeatureSummaries, "update", real_update)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from factory import crosscoder_from_ckkissane, resid_post, small_analysis_options
+from factory import crosscoder_from_ckkissane, interrupted_at_update, resid_post, small_analysis_options
 from transformers import AutoModelForCausalLM
 
 from atlas.analyze import run_analysis
@@ -201,20 +201,9 @@ def test_resume_after_interruption_gives_the_same_cache(diff_setup, diff_cache, 
 
 
 def test_interrupt_inside_an_update_keeps_the_last_saved_state(diff_setup, tmp_path, monkeypatch):
-    from atlas.stats import FeatureSummaries
-
     cc, models, tokens = diff_setup
-    real_update, calls = FeatureSummaries.update, []
-
-    def update(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            real_update(self, *args, **kwargs)  # the state is changed, then the interrupt arrives
-            raise KeyboardInterrupt
-        return real_update(self, *args, **kwargs)
-
-    monkeypatch.setattr(FeatureSummaries, "update", update)
-    with pytest.raises(KeyboardInterrupt):
+    # the state is changed, then the interrupt arrives
+    with interrupted_at_update(monkeypatch, 4, after=True), pytest.raises(KeyboardInterrupt):
         run_analysis(cc, models, tokens, dataclasses.replace(OPTIONS, save_every=2), tmp_path, CPU,
                      torch.float32)
     assert torch.load(tmp_path / "state" / "summaries.pt", weights_only=True)["batches_done"] == 2

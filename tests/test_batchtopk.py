@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from factory import resid_post, small_analysis_options
+from factory import interrupted_at_update, resid_post, small_analysis_options
 from test_merge import assert_same_cache
 from transformers import AutoModelForCausalLM
 
@@ -106,8 +106,6 @@ def test_block_wise_cut_off_equals_one_sort():
 
 
 def test_shards_and_resumed_runs_arrive_at_the_same_threshold(setup, whole, tmp_path, monkeypatch):
-    from atlas.stats import FeatureSummaries
-
     cc, models, tokens = setup
     _, one = whole
     for k in range(2):  # shard 1 holds batches 2.. and extracts the first two only for the estimates
@@ -116,19 +114,9 @@ def test_shards_and_resumed_runs_arrive_at_the_same_threshold(setup, whole, tmp_
     assert_same_cache(read_cache(tmp_path / "merged"), one)
 
     options = dataclasses.replace(OPTIONS, save_every=1)
-    real_update, calls = FeatureSummaries.update, []
-
-    def update(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_update(self, *args, **kwargs)
-
-    monkeypatch.setattr(FeatureSummaries, "update", update)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_update(monkeypatch, 4), pytest.raises(KeyboardInterrupt):
         run_analysis(cc, models, tokens, options, tmp_path / "resumed", CPU, torch.float32)
     state = torch.load(tmp_path / "resumed" / "state" / "summaries.pt", weights_only=True)
     assert state["batches_done"] == 3 and float(state["threshold"]) == one.manifest.checkpoint["batchtopk_threshold"]
-    monkeypatch.setattr(FeatureSummaries, "update", real_update)
     run_analysis(cc, models, tokens, options, tmp_path / "resumed", CPU, torch.float32)
     assert_same_cache(read_cache(tmp_path / "resumed"), one, bitwise=True)

@@ -266,13 +266,12 @@ class _OneRank(distributed.Comm):
 
 def test_rank_resume_files(tiny_world, tmp_path, monkeypatch):
     """Under torchrun each rank keeps its own resume file; an interrupted rank resumes after its last batch."""
-    from factory import crosscoder_from_ckkissane
+    from factory import crosscoder_from_ckkissane, interrupted_at_update
     from test_merge import OPTIONS, assert_same_cache
 
     from atlas.analyze import run_analysis
     from atlas.corpus import load_corpus
     from atlas.models import load_models
-    from atlas.stats import FeatureSummaries
 
     cpu = torch.device("cpu")
     cc = crosscoder_from_ckkissane(tiny_world.crosscoder_ckpt, [tiny_world.llama_dir, tiny_world.llama_chat_dir])
@@ -280,20 +279,10 @@ def test_rank_resume_files(tiny_world, tmp_path, monkeypatch):
     tokens = load_corpus(str(tiny_world.corpus_jsonl), models.tokenizer, n_sequences=22, seq_len=24, seed=1)
     options = dataclasses.replace(OPTIONS, save_every=1)
     comm = _OneRank(rank=0, world=1, local_rank=0, backend="gloo", device=cpu)
-    real_update, calls = FeatureSummaries.update, []
-
-    def update(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_update(self, *args, **kwargs)
-
-    monkeypatch.setattr(FeatureSummaries, "update", update)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_update(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
         run_analysis(cc, models, tokens, options, tmp_path / "ranked", cpu, torch.float32, comm=comm)
     state = torch.load(tmp_path / "ranked" / "state" / "summaries.rank0-of-1.pt", weights_only=True)
     assert state["batches_done"] == 2 and state["batches"] == [0, 5]
-    monkeypatch.setattr(FeatureSummaries, "update", real_update)
     run_analysis(cc, models, tokens, options, tmp_path / "ranked", cpu, torch.float32, comm=comm)
     assert not (tmp_path / "ranked" / "state").exists()
     run_analysis(cc, models, tokens, options, tmp_path / "plain", cpu, torch.float32)

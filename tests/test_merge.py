@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from factory import small_analysis_options
+from factory import interrupted_at_update, small_analysis_options
 
 from atlas.analyze import parse_feature_range, parse_shard, run_analysis
 from atlas.cache import read_cache
@@ -132,23 +132,12 @@ def test_shards_merged_in_any_order_equal_one_run(setup, whole, tmp_path, n, ord
 
 
 def test_a_finished_shard_is_reused_and_an_interrupted_one_resumes(setup, whole, tmp_path, monkeypatch):
-    from atlas.stats import FeatureSummaries
-
     options = dataclasses.replace(OPTIONS, save_every=1)
-    real_update, calls = FeatureSummaries.update, []
-
-    def update(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_update(self, *args, **kwargs)
-
-    monkeypatch.setattr(FeatureSummaries, "update", update)
-    with pytest.raises(KeyboardInterrupt):  # shard 1/2 holds batches 2, 3 and 4: stopped in batch 3
+    # shard 1/2 holds batches 2, 3 and 4: stopped in batch 3
+    with interrupted_at_update(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         analyse(setup, tmp_path / "s1", options, shard=(1, 2))
     state = torch.load(tmp_path / "s1" / "state" / "summaries.pt", weights_only=True)
     assert state["batches_done"] == 3 and state["batches"] == [2, 5]
-    monkeypatch.setattr(FeatureSummaries, "update", real_update)
     analyse(setup, tmp_path / "s1", options, shard=(1, 2))
     analyse(setup, tmp_path / "s0", options, shard=(0, 2))
     stamp = (tmp_path / "s0" / SHARD_FILE).stat().st_mtime_ns
