@@ -92,6 +92,8 @@ def test_positive_entries_equal_a_dense_scan(dtype, n_cols):
     assert torch.equal(row, want[:, 0]) and torch.equal(col, want[:, 1])
     assert val.dtype == torch.float32
     assert torch.equal(val, flat[want[:, 0], want[:, 1]].float())
+    shifted = torch.cat([torch.zeros(1, dtype=dtype), flat.reshape(-1)])[1:].view(flat.shape)  # odd offset
+    assert all(torch.equal(a, b) for a, b in zip(positive_entries(shifted), (row, col, val)))
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk", "batchtopk"])

@@ -30,7 +30,8 @@ def positive_entries(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     """
     N, F = flat.shape
     per_word = 8 // flat.element_size()
-    if flat.device.type != "cpu" or per_word < 2 or F % per_word or not flat.is_contiguous():
+    if (flat.device.type != "cpu" or per_word < 2 or F % per_word or not flat.is_contiguous()
+            or flat.storage_offset() % per_word):
         row, col = (flat > 0).nonzero(as_tuple=True)
         return row, col, flat.view(-1).index_select(0, row * F + col).float()
     words = flat.view(-1).view(torch.int64).nonzero().view(-1)
