@@ -780,8 +780,9 @@ def _report(cache: "cache_format.Cache", cache_dir: Path, seconds: float) -> Non
     dense = int((fs.density > 0.1).sum())
     which = f"{m.n_features:,} features" if not m.feature_offset else \
         f"{m.n_features:,} features ({m.feature_offset}..{m.feature_offset + m.n_features - 1})"
+    l0 = float(fs.density.astype(np.float64).sum())  # active features per counted token, on average
     print(f"atlas: analysed {which} over {m.n_tokens:,} tokens: {dead:,} dead (never active), "
-          f"{dense:,} dense (density > 10%), in {seconds:.1f} s; "
+          f"{dense:,} dense (density > 10%), {l0:.1f} active per token (mean L0), in {seconds:.1f} s; "
           f"cache {_folder_bytes(cache_dir) / 1e6:.1f} MB in {cache_dir}")
 
 

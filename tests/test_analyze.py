@@ -217,6 +217,8 @@ def test_feature_slice_and_bos_option(diff_setup, diff_cache, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "analysed 10 features" in out and "dead" in out and "dense" in out
     sliced = read_cache(tmp_path)
+    l0 = float(sliced.features.density.astype(np.float64).sum())
+    assert l0 > 0 and f"{l0:.1f} active per token (mean L0)" in out  # the summary line's mean L0
     assert manifest.n_features == 10 and sliced.features.density.shape == (10,)
     assert manifest.n_tokens == tokens.numel() and manifest.checkpoint["n_features_total"] == 64
     bos_hits = sliced.features.n_active - full.features.n_active[:10]
