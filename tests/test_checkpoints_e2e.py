@@ -35,6 +35,24 @@ def sources(manifest: dict) -> list[tuple[str, str]]:
     return [(s["model"], s["site"]) for s in manifest["sources"]]
 
 
+def assert_logit_effects_through(tmp_path, world, projection: str, directions: torch.Tensor) -> None:
+    """The built atlas's top logit effects of the first 6 features equal a brute force: ``directions``
+    (one row per feature, at the projection's input) carried into the residual stream by the GPT-2's
+    module ``projection`` applied as a module (bias removed), then through ``ln_f``'s weight and ``lm_head``."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(world.gpt2_dir).eval()
+    proj, norm = hf.get_submodule(projection), hf.transformer.ln_f
+    with torch.inference_mode():
+        resid = proj(directions) - proj(torch.zeros(1, directions.shape[1]))
+        effects = (resid * norm.weight) @ hf.lm_head.weight.T  # [F, V]
+    logits = np.load(tmp_path / "site.atlas-data" / "logits.npz")
+    want = torch.topk(effects[:6], 4, dim=1)
+    np.testing.assert_allclose(logits["top_vals"][:, 0, :4], want.values.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(logits["top_ids"][:, 0, :4], want.indices.numpy())
+
+
 def test_build_ckkissane(tmp_path, capsys, tiny_world):
     m = build(capsys, tmp_path, tiny_world, tiny_world.crosscoder_ckpt, "--model", tiny_world.llama_chat_dir)
     assert m["checkpoint"]["format"] == "ckkissane" and m["checkpoint"]["input_scale_estimated"] is True
@@ -93,9 +111,7 @@ def test_build_saelens(tmp_path, capsys, tiny_world):
 def test_build_saelens_hook_z(tmp_path, capsys, tiny_world):
     """An attention SAE on hook_z: it reads the heads' outputs, and its logit effects go through the
     attention's output projection (checked against the projection applied as a module)."""
-    import numpy as np
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     g = torch.Generator().manual_seed(6)
     folder = tmp_path / "sae"
@@ -106,25 +122,14 @@ def test_build_saelens_hook_z(tmp_path, capsys, tiny_world):
     (folder / "cfg.json").write_text(json.dumps(cfg))
     m = build(capsys, tmp_path, tiny_world, folder)
     assert sources(m) == [(str(tiny_world.gpt2_dir), "blocks.1.attn.hook_z")]
-
-    hf = AutoModelForCausalLM.from_pretrained(tiny_world.gpt2_dir).eval()
-    proj, norm = hf.transformer.h[1].attn.c_proj, hf.transformer.ln_f
     W_dec = load_file(str(folder / "sae_weights.safetensors"))["W_dec"].float()  # [F, d]
-    with torch.inference_mode():
-        resid = proj(W_dec) - proj(torch.zeros(1, D))  # the decoder directions in the residual stream
-        effects = (resid * norm.weight) @ hf.lm_head.weight.T  # [F, V]
-    logits = np.load(tmp_path / "site.atlas-data" / "logits.npz")
-    want = torch.topk(effects[:6], 4, dim=1)
-    np.testing.assert_allclose(logits["top_vals"][:, 0, :4], want.values.numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(logits["top_ids"][:, 0, :4], want.indices.numpy())
+    assert_logit_effects_through(tmp_path, tiny_world, "transformer.h.1.attn.c_proj", W_dec)
 
 
 def test_build_saelens_one_attention_head(tmp_path, capsys, tiny_world):
     """An SAE on one head of hook_z (SAELens ``hook_head_index``): it reads that head's d_head columns,
     and its logit effects go through that head's rows of the output projection."""
-    import numpy as np
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     d_head, head = D // 2, 1  # the tiny GPT-2 has 2 heads
     g = torch.Generator().manual_seed(7)
@@ -136,41 +141,20 @@ def test_build_saelens_one_attention_head(tmp_path, capsys, tiny_world):
     m = build(capsys, tmp_path, tiny_world, folder)
     assert sources(m) == [(str(tiny_world.gpt2_dir), "blocks.1.attn.hook_z.head1")]
     assert m["sources"][0]["d_model"] == d_head
-
-    hf = AutoModelForCausalLM.from_pretrained(tiny_world.gpt2_dir).eval()
-    proj, norm = hf.transformer.h[1].attn.c_proj, hf.transformer.ln_f
     W_dec = load_file(str(folder / "sae_weights.safetensors"))["W_dec"].float()  # [F, d_head]
     z = torch.zeros(W_dec.shape[0], D)
     z[:, head * d_head:(head + 1) * d_head] = W_dec  # the directions placed in head 1 of hook_z
-    with torch.inference_mode():
-        resid = proj(z) - proj(torch.zeros(1, D))
-        effects = (resid * norm.weight) @ hf.lm_head.weight.T  # [F, V]
-    logits = np.load(tmp_path / "site.atlas-data" / "logits.npz")
-    want = torch.topk(effects[:6], 4, dim=1)
-    np.testing.assert_allclose(logits["top_vals"][:, 0, :4], want.values.numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(logits["top_ids"][:, 0, :4], want.indices.numpy())
+    assert_logit_effects_through(tmp_path, tiny_world, "transformer.h.1.attn.c_proj", z)
 
 
 def test_build_neel_sae_on_mlp_neurons(tmp_path, capsys, tiny_world):
     """An SAE of Neel Nanda's 1L-Sparse-Autoencoder kind on MLP neurons (site ``post``): it reads the MLP's
     hidden activations, and its logit effects go through the MLP's output projection."""
-    import numpy as np
-    from transformers import AutoModelForCausalLM
-
     width = 4 * D  # the tiny GPT-2's MLP
     path = write_neel_sae(tmp_path / "sae", torch.Generator().manual_seed(9),
                           {"model_name": str(tiny_world.gpt2_dir), "site": "post", "layer": 1}, d=width, F=16)
     m = build(capsys, tmp_path, tiny_world, path)
     assert m["checkpoint"]["format"] == "ckkissane"
     assert sources(m) == [(str(tiny_world.gpt2_dir), "blocks.1.mlp.hook_post")]
-
-    hf = AutoModelForCausalLM.from_pretrained(tiny_world.gpt2_dir).eval()
-    proj, norm = hf.transformer.h[1].mlp.c_proj, hf.transformer.ln_f
     W_dec = torch.load(path, weights_only=True)["W_dec"].float()  # [F, 4d]
-    with torch.inference_mode():
-        resid = proj(W_dec) - proj(torch.zeros(1, width))
-        effects = (resid * norm.weight) @ hf.lm_head.weight.T
-    logits = np.load(tmp_path / "site.atlas-data" / "logits.npz")
-    want = torch.topk(effects[:6], 4, dim=1)
-    np.testing.assert_allclose(logits["top_vals"][:, 0, :4], want.values.numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(logits["top_ids"][:, 0, :4], want.indices.numpy())
+    assert_logit_effects_through(tmp_path, tiny_world, "transformer.h.1.mlp.c_proj", W_dec)
