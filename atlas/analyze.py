@@ -526,7 +526,7 @@ def _estimates(plan: Plan, stored, stream):
     The input scale is ``sqrt(d) / mean‖x‖`` per source over the counted non-BOS tokens. A BatchTopK
     crosscoder saved without its inference threshold (crosscode) gets the one its trainers estimate: per
     batch of n such tokens, the (k·n)-th largest activation among all features (what batch-level top-k
-    keeps at least), averaged over the batches (:func:`batch_topk_threshold`).
+    keeps at least), averaged over the batches (:func:`batch_topk_thresholds`).
     """
     cc, models = plan.crosscoder, plan.models
     scale = cc.input_scale if cc.input_scale is not None else (
@@ -555,7 +555,8 @@ def _estimates(plan: Plan, stored, stream):
     threshold = cc.threshold
     if want_threshold:
         weights = dataclasses.replace(cc, input_scale=torch.as_tensor(scale, dtype=torch.float32))
-        contributions = {b: batch_topk_threshold(weights, x, mask, plan.device, plan.dtype) for b, x, mask in batches}
+        values = batch_topk_thresholds(weights, [(x, mask) for _, x, mask in batches], plan.device, plan.dtype)
+        contributions = {b: v for (b, _, _), v in zip(batches, values)}
         stored_threshold, contributions = _agree(plan, stored_threshold, contributions)
         if stored_threshold is not None:
             threshold = torch.as_tensor(stored_threshold, dtype=torch.float32)
@@ -577,25 +578,26 @@ def _agree(plan: Plan, stored, contributions: dict):
     return stored, {b: c for _, part in gathered for b, c in part.items()}
 
 
-def batch_topk_threshold(crosscoder, x: torch.Tensor, mask: torch.Tensor, device, dtype,
-                         block: int = 4096) -> float:
-    """The activation batch-level top-k keeps at least on one batch: with ``n`` tokens in ``mask`` and
-    ``k = crosscoder.k``, the (k·n)-th largest of the activations (relu of the pre-activation, times
-    ``act_scale`` where set) of every feature at those tokens, 0 when fewer are positive. Computed over
-    blocks of features with a running top-(k·n), in the encode's device and dtype."""
-    xs = x.reshape(-1, *x.shape[2:])[mask.reshape(-1).to(x.device)].to(device)
-    want = int(crosscoder.k) * xs.shape[0]
-    if want == 0:
-        return 0.0
-    best = torch.empty(0, dtype=dtype, device=device)
+def batch_topk_thresholds(crosscoder, batches: list, device, dtype, block: int = 4096) -> list[float]:
+    """Per batch ``(x, mask)``, the activation batch-level top-k keeps at least: with ``n`` tokens in
+    ``mask`` and ``k = crosscoder.k``, the (k·n)-th largest of the activations (relu of the
+    pre-activation, times ``act_scale`` where set) of every feature at those tokens, 0 when fewer are
+    positive. Computed over blocks of features (each moved to the device once for all batches) with a
+    running top-(k·n) per batch, in the encode's device and dtype."""
+    xs = [x.reshape(-1, *x.shape[2:])[mask.reshape(-1).to(x.device)].to(device) for x, mask in batches]
+    wants = [int(crosscoder.k) * x.shape[0] for x in xs]
+    best = [torch.empty(0, dtype=dtype, device=device) for _ in xs]
     F = crosscoder.n_features
     for lo in range(0, F, block):
         part = slice_features(crosscoder, min(block, F - lo), lo)
         part = dataclasses.replace(part, activation="relu", threshold=None).to(device=device, dtype=dtype)
-        acts = part.encode(xs).reshape(-1)  # relu(pre) × act_scale
-        best = torch.cat([best, acts.topk(min(want, acts.numel())).values])
-        best = best.topk(min(want, best.numel())).values
-    return float(best[want - 1]) if best.numel() >= want else 0.0
+        for i, (x, want) in enumerate(zip(xs, wants)):
+            if want == 0:
+                continue
+            acts = part.encode(x).reshape(-1)  # relu(pre) × act_scale
+            merged = torch.cat([best[i], acts.topk(min(want, acts.numel())).values])
+            best[i] = merged.topk(min(want, merged.numel())).values
+    return [float(b[want - 1]) if want and b.numel() >= want else 0.0 for b, want in zip(best, wants)]
 
 
 def _fold(plan: Plan, summaries, stream, encode, state_path: Path, estimates: tuple, first_batch: int) -> None:

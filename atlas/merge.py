@@ -219,7 +219,7 @@ def _check_shard_set(shards: list[_Input]) -> None:
                          f"{'them' if len(missing) > 1 else 'it'} and pass all {n} shard folders")
 
 
-def _check_same_scale(items: list[_Input]) -> None:
+def _check_same_estimates(items: list[_Input]) -> None:
     """Every process estimates the input scale (and a missing BatchTopK threshold) from the same batches:
     refuse shards whose values differ."""
     for key, what, fix in (("input_scale", "input scales", "the same --scale"),
@@ -238,7 +238,7 @@ def merge_shards(shards: list[_Input], device="cpu") -> "cache_format.Cache":
     from .stats import FeatureSummaries
 
     _check_shard_set(shards)
-    _check_same_scale(shards)
+    _check_same_estimates(shards)
     first = next(s for s in shards if s.shard.shard == 0)
     info = first.shard
     if not (first.folder / FINISH_FILE).is_file():
@@ -320,7 +320,7 @@ def merge_folders(folders: list[Path], output: Path, device: str | None = None) 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     items = [_read_input(Path(f)) for f in folders]
     _check_same_inputs(items)
-    _check_same_scale(items)
+    _check_same_estimates(items)
 
     groups: dict[str, list[_Input]] = {}
     for item in items:

@@ -17,7 +17,7 @@ from factory import interrupted_at_update, resid_post, small_analysis_options
 from test_merge import assert_same_cache
 from transformers import AutoModelForCausalLM
 
-from atlas.analyze import batch_topk_threshold, run_analysis
+from atlas.analyze import batch_topk_thresholds, run_analysis
 from atlas.cache import read_cache
 from atlas.merge import merge_folders
 
@@ -99,10 +99,12 @@ def test_block_wise_cut_off_equals_one_sort():
     relu = dataclasses.replace(cc, activation="relu")
     values = relu.encode(x[mask]).reshape(-1).sort(descending=True).values
     want = float(values[4 * int(mask.sum()) - 1])
+    empty = torch.zeros_like(mask)
     for block in (1, 5, 23, 64):  # one-column blocks multiply in another order: equal up to rounding
-        assert batch_topk_threshold(cc, x, mask, CPU, torch.float32, block=block) == pytest.approx(want, rel=1e-6)
+        got = batch_topk_thresholds(cc, [(x, mask), (x, empty), (x, mask)], CPU, torch.float32, block=block)
+        assert got[0] == pytest.approx(want, rel=1e-6) and got[2] == got[0] and got[1] == 0.0
     sparse = dataclasses.replace(cc, b_enc=cc.b_enc - 50)  # fewer positive activations than k·n: keep them all
-    assert batch_topk_threshold(sparse, x, mask, CPU, torch.float32) == 0.0
+    assert batch_topk_thresholds(sparse, [(x, mask)], CPU, torch.float32) == [0.0]
 
 
 def test_shards_and_resumed_runs_arrive_at_the_same_threshold(setup, whole, tmp_path, monkeypatch):
