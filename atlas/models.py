@@ -408,7 +408,9 @@ class ModelSet:
                 key = (src.model, site.to_residual, site.columns)
                 if key not in self._unembed_cache:  # local models only (load_remote_models refuses these sites)
                     proj = self.hf_models[src.model].get_submodule(site.to_residual)
-                    W = _columns(_into_residual(proj, site.to_residual).T, site).T  # the rows the source reads
+                    W = _into_residual(proj, site.to_residual)
+                    if site.columns is not None:  # one head: the rows of the projection it feeds
+                        W = W[site.columns[0]:site.columns[1]]
                     self._unembed_cache[key] = (W.to(U.device) @ U).contiguous()
                 U = self._unembed_cache[key]
             result.append(U)

@@ -8,8 +8,9 @@ bias), ``_b_dec_XoDo[*Xo, d]`` (absent without decoder bias), JumpReLU ``activat
 folded into the weights (``is_folded``); they are unfolded here into ``input_scale`` so that ``W_dec`` stays
 in the space the crosscoder was trained in. ``model_cfg.yaml`` names the activation function
 (``ReLUActivation``, ``AnthropicSTEJumpReLUActivation``, ``TopkActivation`` ``{k}``, ``BatchTopkActivation``
-``{k_per_example}``: no inference threshold is saved, the analysis estimates it) and the dims; model ids and hook points come from the run's ``experiment_config.yaml``
-(``data.activations_harvester.llms[].name``, ``hookpoints``) one or two folders up, or from the options.
+``{k_per_example}``: no inference threshold is saved, the analysis estimates it) and the dims; model ids
+and hook points come from the run's ``experiment_config.yaml`` (``data.activations_harvester.llms[].name``,
+``hookpoints``) one or two folders up, or from the options.
 """
 
 from __future__ import annotations
