@@ -126,6 +126,7 @@ class Settings:
     diff_shared_lo: float = 0.3  # diff_class: relative norm below → model-A-only
     diff_shared_hi: float = 0.7  # diff_class: relative norm above → model-B-only
     next_token_effects: str = "top"  # *_next_logit for "top" examples, "all" (top and intervals), "none"
+    latent_scaling: bool = False  # FeatureStats.ls_* computed (two-source crosscoders; --latent-scaling)
 
     @property
     def window(self) -> int:
@@ -206,6 +207,12 @@ class FeatureStats:
       -1 = none) and ``fcorr_val[F, C]`` (float32, NaN = none). The candidates are searched among the
       analysed features only (their activations are the ones at hand): for a ``--features A:B``
       slice, among A..B-1
+    - latent scaling (``Settings.latent_scaling``; two sources, S = 2; :mod:`atlas.stats.latent_scaling`
+      defines it): ``ls_beta_err[F, 2, 2]`` and ``ls_beta_rec[F, 2, 2]`` (float32), the β fitted along
+      the decoder of source m (axis 1) to model t's reconstruction error with the latent's own
+      contribution added back (``err``) or to its reconstruction (``rec``), t on axis 2; ``ls_nu_err[F]``
+      and ``ls_nu_rec[F]`` (float32), ν = β(other model) / β(own model) along the own decoder (own = the
+      source with the larger decoder norm). NaN where undefined (never active, zero decoder or β(own) = 0)
     """
 
     density: np.ndarray
@@ -228,6 +235,10 @@ class FeatureStats:
     ncorr_val: np.ndarray | None = None
     fcorr_ids: np.ndarray | None = None
     fcorr_val: np.ndarray | None = None
+    ls_beta_err: np.ndarray | None = None
+    ls_beta_rec: np.ndarray | None = None
+    ls_nu_err: np.ndarray | None = None
+    ls_nu_rec: np.ndarray | None = None
 
 
 @dataclass

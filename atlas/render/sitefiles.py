@@ -67,17 +67,21 @@ def _g(x: float) -> str:
     return f"{x:.6g}"
 
 
-def features_csv(facts: list[FeatureFacts], strings: list[str], labels: dict[int, Label], n_sources: int) -> bytes:
+def features_csv(facts: list[FeatureFacts], strings: list[str], labels: dict[int, Label], n_sources: int,
+                 latent_scaling: bool = False) -> bytes:
     """``features.csv``: one row per feature (read by people and spreadsheets; no JS reads it).
 
-    Columns: ``id, label, density, n_active, max_act, mean_act, [rel_norm, dec_cos,] dec_norm_<s>...,
-    peak_source, top_tokens, url``; ``top_tokens`` are token chips separated by spaces.
+    Columns: ``id, label, density, n_active, max_act, mean_act, [rel_norm, dec_cos,] [nu_err, nu_rec,]
+    dec_norm_<s>..., peak_source, top_tokens, url``; ``top_tokens`` are token chips separated by spaces;
+    ``nu_*`` (latent scaling) are empty where undefined.
     """
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     head = ["id", "label", "density", "n_active", "max_act", "mean_act"]
     if n_sources == 2:
         head += ["rel_norm", "dec_cos"]
+    if latent_scaling:
+        head += ["nu_err", "nu_rec"]
     head += [f"dec_norm_{s}" for s in range(n_sources)] + ["peak_source", "top_tokens", "url"]
     w.writerow(head)
     for f in facts:
@@ -85,6 +89,8 @@ def features_csv(facts: list[FeatureFacts], strings: list[str], labels: dict[int
         row = [f.id, lab.label if lab else "", _g(f.density), f.n_active, _g(f.max_act), _g(f.mean_act)]
         if n_sources == 2:
             row += [_g(f.rel_norm), _g(f.dec_cos)]
+        if latent_scaling:
+            row += [_g(f.nu_err), _g(f.nu_rec)]
         row += [_g(x) for x in f.dec_norm] + [f.peak, " ".join(chip(strings[t]) for t in f.top_tokens),
                                               f"f/{f.id}/"]
         w.writerow(row)

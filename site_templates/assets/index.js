@@ -7,7 +7,8 @@
  * filter and the class badges read the same per-feature model-diff class (chunk key dc).
  *
  * State lives in the URL hash, e.g. #rel=0.40-0.45&cos=0.90-1.00&peak=3&dens=1e-5-1e-3&cls=shared
- * &alive=alive&q=the&sort=-density (a bin "lo-hi" keeps lo <= x < hi, and x = hi for the last bin).
+ * &alive=alive&q=the&sort=-density (a bin "lo-hi" keeps lo <= x < hi, and x = hi for the last bin);
+ * with latent scaling (meta.latent_scaling) also nue=MAX and nur=MAX (at most this ν^ε / ν^r).
  */
 (function () {
   "use strict";
@@ -17,7 +18,7 @@
   var heads = Array.prototype.slice.call(doc.querySelectorAll("#table thead th[data-key]"));
   var ctl = {
     dmin: doc.getElementById("f-dmin"), dmax: doc.getElementById("f-dmax"), cls: doc.getElementById("f-cls"),
-    alive: doc.getElementById("f-alive"), bins: doc.getElementById("f-bins"), reset: doc.getElementById("f-reset"),
+    alive: doc.getElementById("f-alive"), nue: doc.getElementById("f-nue"), nur: doc.getElementById("f-nur"), bins: doc.getElementById("f-bins"), reset: doc.getElementById("f-reset"),
   };
   var N = M.n_features, th = M.rel_thresholds;
   var CLS = { a: 0, shared: 1, b: 2 }, CLS_KEY = ["a", "shared", "b"], CLS_TEXT = ["A-only", "shared", "B-only"];
@@ -27,7 +28,8 @@
   var searchIds = null; // {ids: Int32Array ranked, q}
 
   function emptyState() {
-    return { sort: "id", desc: false, dmin: null, dmax: null, cls: "", alive: "", rel: null, cos: null, peak: null, q: "" };
+    return { sort: "id", desc: false, dmin: null, dmax: null, cls: "", alive: "", rel: null, cos: null, peak: null, q: "",
+      nue: null, nur: null };
   }
 
   function parseRange(s) {
@@ -50,6 +52,7 @@
     var peak = p.get("peak");
     st.peak = peak !== null && peak !== "" && isFinite(+peak) ? +peak : null;
     st.q = p.get("q") || new URLSearchParams(location.search).get("q") || "";
+    ["nue", "nur"].forEach(function (k) { var v = p.get(k); st[k] = v !== null && v !== "" && isFinite(+v) ? +v : null; });
     return st;
   }
   function writeHash() {
@@ -61,6 +64,8 @@
     if (state.dmin !== null || state.dmax !== null) p.set("dens", (state.dmin === null ? 0 : state.dmin) + "-" + (state.dmax === null ? 1 : state.dmax));
     if (state.cls) p.set("cls", state.cls);
     if (state.alive) p.set("alive", state.alive);
+    if (state.nue !== null) p.set("nue", String(state.nue));
+    if (state.nur !== null) p.set("nur", String(state.nur));
     if (state.sort !== "id" || state.desc) p.set("sort", (state.desc ? "-" : "") + state.sort);
     var h = p.toString();
     var url = location.href.replace(/#.*$/, "") + (h ? "#" + h : "");
@@ -71,6 +76,8 @@
     ctl.dmax.value = state.dmax === null ? "" : String(state.dmax);
     if (ctl.cls) ctl.cls.value = state.cls;
     ctl.alive.value = state.alive;
+    if (ctl.nue) ctl.nue.value = state.nue === null ? "" : String(state.nue);
+    if (ctl.nur) ctl.nur.value = state.nur === null ? "" : String(state.nur);
     ctl.bins.textContent = "";
     var parts = [];
     if (state.rel) parts.push("rel. norm " + state.rel[2] + "\u2013" + state.rel[3]);
@@ -101,11 +108,13 @@
         id: new Int32Array(N), density: new Float32Array(N), max: new Float32Array(N), rel: new Float32Array(N),
         cos: new Float32Array(N), peak: new Uint16Array(N), cls: new Int8Array(N), tokens: new Array(N),
         label: M.has_labels ? new Array(N) : null,
+        nue: M.latent_scaling ? new Float32Array(N) : null, nur: M.latent_scaling ? new Float32Array(N) : null,
       };
       var r = 0;
       chunks.forEach(function (ch) {
         var d = A.f32(ch.d), m = A.f32(ch.m), rel = A.f32(ch.r), cos = A.f32(ch.c), pk = A.u16(ch.p), tt = A.u16(ch.tt);
         var dc = A.i8(ch.dc);
+        var ne = c.nue && ch.ne ? A.f32(ch.ne) : null, nr = c.nur && ch.nr ? A.f32(ch.nr) : null;
         for (var i = 0; i < ch.n; i++, r++) {
           c.id[r] = ch.start + i;
           c.density[r] = d[i]; c.max[r] = m[i]; c.rel[r] = rel[i]; c.cos[r] = cos[i]; c.peak[r] = pk[i];
@@ -114,6 +123,7 @@
           for (var j = 0; j < 3; j++) { var t = tt[i * 3 + j]; if (t) toks.push(ch.ts[t - 1]); }
           c.tokens[r] = toks;
           if (c.label) c.label[r] = ch.lb ? ch.lb[i] : "";
+          if (c.nue) { c.nue[r] = ne ? ne[i] : NaN; c.nur[r] = nr ? nr[i] : NaN; }
         }
       });
       return c;
@@ -142,6 +152,8 @@
       if (state.rel && !(d > 0 && inBin(r, state.rel))) continue;
       if (state.cos && !(d > 0 && inBin(col.cos[i], state.cos))) continue;
       if (state.peak !== null && !(d > 0 && col.peak[i] === state.peak)) continue;
+      if (state.nue !== null && !(col.nue && col.nue[i] <= state.nue)) continue;
+      if (state.nur !== null && !(col.nur && col.nur[i] <= state.nur)) continue;
       keep[n++] = i;
     }
     order = keep.slice(0, n);
@@ -194,6 +206,7 @@
       if (k >= 0 && k <= 2) rc.className += " " + CLS_KEY[k];
       cell(tr, "num", A.fmt(col.cos[i], 2));
     }
+    if (col.nue) { cell(tr, "num", A.fmt(col.nue[i], 2)); cell(tr, "num", A.fmt(col.nur[i], 2)); }
     if (M.sources.length > 2) cell(tr, "num", col.density[i] > 0 ? String(col.peak[i]) : "\u2013");
     if (!(col.density[i] > 0)) tr.className = "dead";
     return tr;
@@ -247,6 +260,8 @@
   ctl.dmax.addEventListener("change", function () { state.dmax = num(ctl.dmax); update(); });
   if (ctl.cls) ctl.cls.addEventListener("change", function () { state.cls = ctl.cls.value; update(); });
   ctl.alive.addEventListener("change", function () { state.alive = ctl.alive.value; update(); });
+  if (ctl.nue) ctl.nue.addEventListener("change", function () { state.nue = num(ctl.nue); update(); });
+  if (ctl.nur) ctl.nur.addEventListener("change", function () { state.nur = num(ctl.nur); update(); });
   ctl.reset.addEventListener("click", function () {
     state = emptyState();
     searchIds = null;
