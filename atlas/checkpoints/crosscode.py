@@ -1,16 +1,16 @@
 """crosscode (oli-clive-griffin/crosscode, formerly model-diffing): ``model.pt`` + ``model_cfg.yaml``.
 
 Tensors ``_W_enc_XiDiL[*Xi, d, F]``, ``_W_dec_LXoDo[F, *Xo, d]``, ``b_enc_L[F]`` (absent without encoder
-bias), ``_b_dec_XoDo[*Xo, d]`` (absent without decoder bias), the JumpReLU log-threshold ``[F]``
-(threshold = exp; named as in :data:`LOG_THRESHOLD_KEYS`), and the buffers ``folded_scaling_factors_in_Xi``, ``folded_scaling_factors_out_Xo``,
-``is_folded``. The crosscoding dims ``Xi`` are ``(M, P)`` for a models × hookpoints crosscoder
-(S = M·P, model-major), ``()`` for an SAE. The trainer saves checkpoints with the normalisation factors
-folded into the weights (``is_folded``); they are unfolded here into ``input_scale`` so that ``W_dec`` stays
-in the space the crosscoder was trained in. ``model_cfg.yaml`` names the activation function
-(``ReLUActivation``, ``AnthropicSTEJumpReLUActivation``, ``TopkActivation`` ``{k}``, ``BatchTopkActivation``
-``{k_per_example}``: no inference threshold is saved, the analysis estimates it) and the dims; model ids
-and hook points come from the run's ``experiment_config.yaml`` (``data.activations_harvester.llms[].name``,
-``hookpoints``) one or two folders up, or from the options.
+bias), ``_b_dec_XoDo[*Xo, d]`` (absent without decoder bias), the JumpReLU log-threshold ``[F]`` (threshold =
+exp; its key differs between versions: :data:`LOG_THRESHOLD_KEYS`), and the buffers
+``folded_scaling_factors_in_Xi``, ``folded_scaling_factors_out_Xo``, ``is_folded``. The crosscoding dims
+``Xi`` are ``(M, P)`` for a models × hookpoints crosscoder (S = M·P, model-major), ``()`` for an SAE. The
+trainer saves checkpoints with the normalisation factors folded into the weights (``is_folded``); they are
+unfolded here into ``input_scale`` so that ``W_dec`` stays in the space the crosscoder was trained in.
+``model_cfg.yaml`` names the activation function (``ReLUActivation``, ``AnthropicSTEJumpReLUActivation``,
+``TopkActivation`` ``{k}``, ``BatchTopkActivation`` ``{k_per_example}``: no inference threshold is saved, the
+analysis estimates it) and the dims; model ids and hook points come from the run's ``experiment_config.yaml``
+(``data.activations_harvester.llms[].name``, ``hookpoints``) one or two folders up, or from the options.
 """
 
 from __future__ import annotations
