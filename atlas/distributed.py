@@ -14,8 +14,9 @@ rank r with ``r % 2s == 0`` receives rank ``r + s``'s summaries and merges them 
 holds everything after ``ceil(log2 N)`` steps and no rank ever holds more than two summaries. Rank 0
 writes the cache. Any number of ranks works, more ranks than batches included: a rank whose range is
 empty folds nothing and sends empty summaries (the merge's identity). The ranks meet at a barrier once
-the cache is written, and only then leave the process group (:func:`shutdown`). Small values (fingerprints, input-scale contributions, the final manifest) travel
-as Python objects (``all_gather_object`` / ``broadcast_object_list``).
+the cache is written, and only then leave the process group (:func:`shutdown`). Small values
+(fingerprints, input-scale contributions, the final manifest) travel as Python objects
+(``all_gather_object`` / ``broadcast_object_list``).
 
 Readers: :mod:`atlas.build` (``from_environment``, ``shutdown``) and :mod:`atlas.analyze`.
 """

@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 from atlas.checkpoints import load_checkpoint
 from atlas.crosscoder import Crosscoder
 from atlas.errors import AtlasError
-from atlas.errors import AtlasError
 
 torch.set_num_threads(1)
 

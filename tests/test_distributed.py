@@ -215,7 +215,7 @@ def _torchrun_analyze(nproc: int, args: list[str], cwd: Path) -> subprocess.Comp
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpoint,nproc", [("ckkissane", 2), ("ckkissane", 3), ("crosscode-batchtopk", 3)])
 def test_torchrun_on_a_corpus_of_two_default_batches(tiny_world, tmp_path, checkpoint, nproc):
-    """A corpus that gives only 25 sequences of 128 tokens (``-n-samples`` left at 100), analysed with the
+    """A corpus that gives only 25 sequences of 128 tokens (``--n-samples`` left at 100), analysed with the
     default batch size (16 sequences on a CPU: two batches, the second of 9): two ranks take one batch
     each, three ranks leave rank 0 without any batch (it still merges and writes). Every arrangement
     writes the cache one process writes; the input scale (and a crosscode BatchTopK crosscoder's
