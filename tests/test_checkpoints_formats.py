@@ -501,11 +501,13 @@ def test_crosscode_grid(tmp_path, activation, dtype):
 
 
 @pytest.mark.parametrize("key", ["_activation_fn.log_threshold_L", "activation_fn.log_threshold_L",
-                                 "activation_fn.log_threshold"])
+                                 "activation_fn.log_threshold", "activation_fn.log_threshold_H",
+                                 "hidden_activation.log_threshold_H"])
 def test_crosscode_jumprelu_threshold_under_every_key_name(tmp_path, key):
     """crosscode named the JumpReLU log-threshold differently over its versions (the activation module
-    ``_activation_fn`` or ``activation_fn``, the parameter with or without ``_L``): each loads as the
-    same crosscoder, and the notes name the key read."""
+    ``_activation_fn``, ``activation_fn`` or ``hidden_activation``, the parameter ``log_threshold_L``,
+    ``log_threshold`` or ``log_threshold_H``): each loads as the same crosscoder, and the notes name the
+    key read."""
     g = torch.Generator().manual_seed(43)
     path = write_crosscode(tmp_path / "run", g, threshold_key=key)
     cc = load_checkpoint(path)
@@ -519,7 +521,7 @@ def test_crosscode_jumprelu_threshold_under_every_key_name(tmp_path, key):
 def test_crosscode_jumprelu_without_a_threshold_names_the_keys(tmp_path):
     path = write_crosscode(tmp_path / "run", torch.Generator().manual_seed(44), threshold_key="activation_fn.bias")
     with pytest.raises(AtlasError, match=r"without its log-threshold \(none of the keys _activation_fn.log_threshold_L, "
-                       r".*activation_fn.log_threshold\); the file is incomplete"):
+                       r".*activation_fn.log_threshold, .*hidden_activation.log_threshold_H\); the file is incomplete"):
         load_checkpoint(path)
 
 

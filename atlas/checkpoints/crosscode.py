@@ -42,12 +42,14 @@ FILES = "model.pt + model_cfg.yaml (_W_enc_XiDiL, _W_dec_LXoDo, b_enc_L, _b_dec_
 
 JUMPRELU_CLASSES = ("AnthropicSTEJumpReLUActivation", "JumpReLUActivationFunction")
 
-#: The JumpReLU log-threshold's state-dict key in the crosscode versions that save ``_W_enc_XiDiL``, in the
-#: order tried: the activation module is ``_activation_fn`` in crosscode since April 2025 and
-#: ``activation_fn`` before; its parameter is ``log_threshold_L``, plain ``log_threshold`` in older
-#: versions. ``atlas inspect`` names the key found (a note ``JumpReLU threshold = exp(KEY)``).
-LOG_THRESHOLD_KEYS = tuple(f"{module}.{param}" for module in ("_activation_fn", "activation_fn")
-                           for param in ("log_threshold_L", "log_threshold"))
+#: The JumpReLU log-threshold's state-dict key, in the order tried. crosscode's JumpReLU module is the
+#: crosscoder's ``_activation_fn`` since 31 March 2025, ``activation_fn`` before that and
+#: ``hidden_activation`` in its first versions; its parameter is ``log_threshold_L`` since the ``_W_enc_XiDiL``
+#: weights (28 March 2025), ``log_threshold_H`` before, and plain ``log_threshold`` in some saved files.
+#: Every combination is accepted; ``atlas inspect`` names the key found (a note ``JumpReLU threshold =
+#: exp(KEY)``).
+LOG_THRESHOLD_KEYS = tuple(f"{module}.{param}" for module in ("_activation_fn", "activation_fn", "hidden_activation")
+                           for param in ("log_threshold_L", "log_threshold", "log_threshold_H"))
 
 
 def sniff(raw: RawCheckpoint) -> bool:
