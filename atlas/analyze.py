@@ -873,6 +873,7 @@ def run_analysis(crosscoder, models, tokens: torch.Tensor, options: AnalysisOpti
     if options.reuse:
         reused = _reusable(plan, cache_dir)
         if reused is not None:
+            _all_ranks_done(plan)
             return reused
 
     # stream this process's batches into its summaries (resuming after the last saved batch)
@@ -904,6 +905,16 @@ def run_analysis(crosscoder, models, tokens: torch.Tensor, options: AnalysisOpti
     if comm is not None:
         result = comm.broadcast(result)
     plan.state_path(cache_dir).unlink(missing_ok=True)
+    _all_ranks_done(plan)
     if plan.lead:
         shutil.rmtree(cache_dir / STATE_DIR, ignore_errors=True)
     return result
+
+
+def _all_ranks_done(plan: Plan) -> None:
+    """Under torchrun, wait until every rank is here, so that the ranks leave the process group together:
+    every transfer of the run is complete (and every rank's resume file removed) before any rank tears
+    down its connections. Ranks that finish early (an empty range of batches, a short last share) no
+    longer leave while rank 0 still writes the cache and its peers finish the last collective."""
+    if plan.comm is not None:
+        plan.comm.barrier()

@@ -12,8 +12,11 @@ summaries are combined on rank 0 by a binary tree of point-to-point transfers (`
 each tensor of the summaries' ``state_dict``) and the exact merge of :mod:`atlas.stats`: at step s,
 rank r with ``r % 2s == 0`` receives rank ``r + s``'s summaries and merges them into its own, so rank 0
 holds everything after ``ceil(log2 N)`` steps and no rank ever holds more than two summaries. Rank 0
-writes the cache. Small values (fingerprints, input-scale contributions, the final manifest) travel
-as Python objects (``all_gather_object`` / ``broadcast_object_list``).
+writes the cache. Any number of ranks works, more ranks than batches included: a rank whose range is
+empty folds nothing and sends empty summaries (the merge's identity). The ranks meet at a barrier once
+the cache is written, and only then leave the process group (:func:`shutdown`). Small values
+(fingerprints, input-scale contributions, the final manifest) travel as Python objects
+(``all_gather_object`` / ``broadcast_object_list``).
 
 Readers: :mod:`atlas.build` (``from_environment``, ``shutdown``) and :mod:`atlas.analyze`.
 """

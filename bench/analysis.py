@@ -19,7 +19,10 @@ doubled the time of the summaries), so the timed runs keep the allocator as user
     python bench/analysis.py                       # tiny random Llama built here, 4096 features
     python bench/analysis.py --model PATH_OR_ID --hook-point blocks.6.hook_resid_post --features 16384
 
-Results measured by the team are in ``bench/README.md``.
+The last line of the output is for scripts (:func:`ratio_line`, read back by :func:`parse_ratio_line`):
+``ratio: analysis/forward = X.XX (4x tokens), marginal Y.YY``, the wall-clock ratio of the full analysis
+to the forward passes at 4× the tokens, and the marginal ratio. Results measured by the team are in
+``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import dataclasses
 import gc
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -47,6 +51,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from atlas.analyze import AnalysisOptions, run_analysis  # noqa: E402
 from atlas.crosscoder import Crosscoder, Source  # noqa: E402
 from atlas.models import load_models, pick_device  # noqa: E402
+
+
+FACTOR = 4  # the larger corpus has FACTOR × the tokens (the marginal ratio compares the two)
+
+_NUMBER = r"([-+]?(?:\d+\.\d+|nan|inf))"
+RATIO_PATTERN = re.compile(rf"ratio: analysis/forward = {_NUMBER} \((\d+)x tokens\), marginal {_NUMBER}")
+
+
+def ratio_line(ratio: float, marginal: float, factor: int = FACTOR) -> str:
+    """The output's last line, for scripts: ``ratio: analysis/forward = X.XX (4x tokens), marginal Y.YY``
+    (wall-clock analysis / forward time at ``factor`` × the tokens, and the marginal ratio)."""
+    return f"ratio: analysis/forward = {ratio:.2f} ({factor}x tokens), marginal {marginal:.2f}"
+
+
+def parse_ratio_line(line: str) -> tuple[float, int, float]:
+    """``(ratio, factor, marginal)`` from a line written by :func:`ratio_line`; ValueError otherwise."""
+    m = RATIO_PATTERN.fullmatch(line.strip())
+    if not m:
+        raise ValueError(f"not a ratio line: {line!r}")
+    return float(m.group(1)), int(m.group(2)), float(m.group(3))
 
 
 def build_tiny_llama(folder: Path, d: int = 256, layers: int = 4, vocab: int = 4096) -> str:
@@ -291,7 +315,7 @@ def main(argv=None) -> None:
 
         t_fwd = time_forwards(models, tokens, args.batch_size, device)
         t_all, size, mean_l0 = time_analysis(cc, models, tokens, options, device, dtype)
-        tokens4 = corpus(models, 4 * args.tokens, args.seq_len, seed=1)
+        tokens4 = corpus(models, FACTOR * args.tokens, args.seq_len, seed=1)
         t_fwd4 = time_forwards(models, tokens4, args.batch_size, device)
         t_4x, _, _ = time_analysis(cc, models, tokens4, options, device, dtype)
         if args.breakdown:
@@ -327,6 +351,7 @@ def main(argv=None) -> None:
           f"{t_4x.wall / t_fwd4.wall:.2f}× ({t_4x.cpu / t_fwd4.cpu:.2f}× cpu) at 4×; marginal (per extra token) "
           f"{marginal:.2f}× ({marginal_cpu:.2f}× cpu);  peak memory 4× / 1× tokens: "
           f"{m_4x.extra / max(m_1x.extra, 1):.2f}")
+    print(ratio_line(t_4x.wall / t_fwd4.wall, marginal))
 
 
 if __name__ == "__main__":

@@ -425,8 +425,9 @@ def test_dl_sae_training_backup(tmp_path):
 
 
 def write_crosscode(run: Path, g, *, M=2, P=2, d=12, F=20, activation="jumprelu", dtype="fp32", folded=True,
-                    k=5, experiment=True, hookpoints=None) -> Path:
-    """``<run>/experiment_config.yaml`` + ``<run>/epoch_0_step_N/{model.pt, model_cfg.yaml}``."""
+                    k=5, experiment=True, hookpoints=None, threshold_key="activation_fn.log_threshold_L") -> Path:
+    """``<run>/experiment_config.yaml`` + ``<run>/epoch_0_step_N/{model.pt, model_cfg.yaml}``; a JumpReLU
+    crosscoder's log-threshold is saved under ``threshold_key``."""
     dt = DTYPES[dtype]
     ckpt = run / "epoch_0_step_100"
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -438,7 +439,7 @@ def write_crosscode(run: Path, g, *, M=2, P=2, d=12, F=20, activation="jumprelu"
         "_b_dec_XoDo": rand(g, *Xi, d, scale=0.1, dtype=dt),
     }
     if activation == "jumprelu":
-        sd["activation_fn.log_threshold_L"] = (rand(g, F, scale=0.5) - 1.0).to(dt)
+        sd[threshold_key] = (rand(g, F, scale=0.5) - 1.0).to(dt)
         act = {"classname": "AnthropicSTEJumpReLUActivation", "cfg": {"size": F, "bandwidth": 2.0}}
     elif activation == "relu":
         act = {"classname": "ReLUActivation", "cfg": {}}
@@ -470,7 +471,7 @@ def ref_crosscode(sd: dict, cfg_act: str, x_bmpd: torch.Tensor, k=5) -> torch.Te
     if cfg_act == "relu":
         return torch.relu(pre)
     if cfg_act == "jumprelu":
-        th = F32(sd["activation_fn.log_threshold_L"]).exp()
+        th = F32(next(v for key, v in sd.items() if ".log_threshold" in key)).exp()
         return (pre > th) * pre
     if cfg_act == "topk":
         values, indices = pre.topk(k, dim=-1, sorted=False)
@@ -497,6 +498,31 @@ def test_crosscode_grid(tmp_path, activation, dtype):
     f = cc.encode(x)
     rec = torch.einsum("bl,lmpd->bmpd", f, F32(sd["_W_dec_LXoDo"])) + F32(sd["_b_dec_XoDo"])
     torch.testing.assert_close(cc.decode(f), rec.reshape(-1, 4, 12), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("key", ["_activation_fn.log_threshold_L", "activation_fn.log_threshold_L",
+                                 "activation_fn.log_threshold", "activation_fn.log_threshold_H",
+                                 "hidden_activation.log_threshold_H"])
+def test_crosscode_jumprelu_threshold_under_every_key_name(tmp_path, key):
+    """crosscode named the JumpReLU log-threshold differently over its versions (the activation module
+    ``_activation_fn``, ``activation_fn`` or ``hidden_activation``, the parameter ``log_threshold_L``,
+    ``log_threshold`` or ``log_threshold_H``): each loads as the same crosscoder, and the notes name the
+    key read."""
+    g = torch.Generator().manual_seed(43)
+    path = write_crosscode(tmp_path / "run", g, threshold_key=key)
+    cc = load_checkpoint(path)
+    assert cc.activation == "jumprelu" and f"JumpReLU threshold = exp({key})" in cc.extra["notes"]
+    sd = torch.load(path, weights_only=True)
+    torch.testing.assert_close(cc.threshold, sd[key].exp())
+    x = inputs(g, 4, 12)
+    assert_encode_matches(cc, x, ref_crosscode(sd, "jumprelu", x.reshape(-1, 2, 2, 12)))
+
+
+def test_crosscode_jumprelu_without_a_threshold_names_the_keys(tmp_path):
+    path = write_crosscode(tmp_path / "run", torch.Generator().manual_seed(44), threshold_key="activation_fn.bias")
+    with pytest.raises(AtlasError, match=r"without its log-threshold \(none of the keys _activation_fn.log_threshold_L, "
+                       r".*activation_fn.log_threshold, .*hidden_activation.log_threshold_H\); the file is incomplete"):
+        load_checkpoint(path)
 
 
 def test_crosscode_unfolded_sae_without_run_config(tmp_path):

@@ -88,3 +88,12 @@ def test_inspect_dl_sae_and_crosscode(tmp_path, capsys):
     write_crosscode(tmp_path / "cc", gen(), M=2, P=3)
     out = inspect(capsys, tmp_path / "cc")
     assert "crosscode" in out and "2 models × 3 sites" in out and "folded_scaling_factors" in out
+
+
+def test_inspect_names_the_crosscode_threshold_key(tmp_path, capsys):
+    """An older crosscode JumpReLU crosscoder (log-threshold saved as ``activation_fn.log_threshold``, no
+    ``_L``) is read, and ``atlas inspect`` says which key held the threshold."""
+    write_crosscode(tmp_path / "cc", gen(), threshold_key="activation_fn.log_threshold")
+    out = inspect(capsys, tmp_path / "cc")
+    assert "Activation     jumprelu (per-feature threshold" in out
+    assert "JumpReLU threshold = exp(activation_fn.log_threshold)" in out

@@ -189,6 +189,57 @@ def test_torchrun_two_ranks_equal_one_process(tiny_world, tmp_path, checkpoint):
         assert res.stdout.count("estimated") >= 2  # the scale and the threshold, reported once each
 
 
+def _corpus_of(w, n_sequences: int, seq_len: int, folder: Path) -> Path:
+    """A one-document ``.jsonl`` corpus that gives exactly ``n_sequences`` sequences of ``seq_len`` tokens
+    (and part of one more, dropped): the tiny corpus's text cut at that many tokens."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(w.tokenizer_dir)
+    ids = tok(w.corpus_txt.read_text(), add_special_tokens=False)["input_ids"]
+    path = folder / "small-corpus.jsonl"
+    text = tok.decode(ids[: n_sequences * (seq_len - 1) + seq_len // 3])  # BOS + seq_len - 1 tokens each
+    path.write_text(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def _torchrun_analyze(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "atlas.cli", "analyze", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpoint,nproc", [("ckkissane", 2), ("ckkissane", 3), ("crosscode-batchtopk", 3)])
+def test_torchrun_on_a_corpus_of_two_default_batches(tiny_world, tmp_path, checkpoint, nproc):
+    """A corpus that gives only 25 sequences of 128 tokens (``--n-samples`` left at 100), analysed with the
+    default batch size (16 sequences on a CPU: two batches, the second of 9): two ranks take one batch
+    each, three ranks leave rank 0 without any batch (it still merges and writes). Every arrangement
+    writes the cache one process writes; the input scale (and a crosscode BatchTopK crosscoder's
+    threshold) estimated from batches that other ranks analysed."""
+    from test_merge import assert_same_cache
+
+    w = tiny_world
+    if checkpoint == "ckkissane":
+        source = [str(w.crosscoder_ckpt), "--model", str(w.llama_dir), "--model", str(w.llama_chat_dir)]
+    else:
+        source = [str(_crosscode_batchtopk(w, tmp_path / "run"))]
+    corpus = _corpus_of(w, 25, 128, tmp_path)
+    common = [*source, "--dataset", str(corpus), "-n", "16", "--top-k", "5", "--device", "cpu"]
+    assert main(["analyze", *common, "-o", str(tmp_path / "single")]) == 0
+    single = read_cache(tmp_path / "single")
+    assert single.manifest.n_sequences == 25 and single.tokens.shape == (25, 128)
+
+    res = _torchrun_analyze(nproc, [*common, "-o", str(tmp_path / "ranks")], tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("atlas: analysed 16 features") == 1
+    assert not (tmp_path / "ranks" / "state").exists()
+    assert_same_cache(read_cache(tmp_path / "ranks"), single)
+
+
 # --------------------------------------------------------------------------- remote execution (NDIF)
 
 

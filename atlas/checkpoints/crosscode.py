@@ -1,16 +1,16 @@
 """crosscode (oli-clive-griffin/crosscode, formerly model-diffing): ``model.pt`` + ``model_cfg.yaml``.
 
 Tensors ``_W_enc_XiDiL[*Xi, d, F]``, ``_W_dec_LXoDo[F, *Xo, d]``, ``b_enc_L[F]`` (absent without encoder
-bias), ``_b_dec_XoDo[*Xo, d]`` (absent without decoder bias), JumpReLU ``activation_fn.log_threshold_L[F]``
-(threshold = exp), and the buffers ``folded_scaling_factors_in_Xi``, ``folded_scaling_factors_out_Xo``,
-``is_folded``. The crosscoding dims ``Xi`` are ``(M, P)`` for a models × hookpoints crosscoder
-(S = M·P, model-major), ``()`` for an SAE. The trainer saves checkpoints with the normalisation factors
-folded into the weights (``is_folded``); they are unfolded here into ``input_scale`` so that ``W_dec`` stays
-in the space the crosscoder was trained in. ``model_cfg.yaml`` names the activation function
-(``ReLUActivation``, ``AnthropicSTEJumpReLUActivation``, ``TopkActivation`` ``{k}``, ``BatchTopkActivation``
-``{k_per_example}``: no inference threshold is saved, the analysis estimates it) and the dims; model ids
-and hook points come from the run's ``experiment_config.yaml`` (``data.activations_harvester.llms[].name``,
-``hookpoints``) one or two folders up, or from the options.
+bias), ``_b_dec_XoDo[*Xo, d]`` (absent without decoder bias), the JumpReLU log-threshold ``[F]`` (threshold =
+exp; its key differs between versions: :data:`LOG_THRESHOLD_KEYS`), and the buffers
+``folded_scaling_factors_in_Xi``, ``folded_scaling_factors_out_Xo``, ``is_folded``. The crosscoding dims
+``Xi`` are ``(M, P)`` for a models × hookpoints crosscoder (S = M·P, model-major), ``()`` for an SAE. The
+trainer saves checkpoints with the normalisation factors folded into the weights (``is_folded``); they are
+unfolded here into ``input_scale`` so that ``W_dec`` stays in the space the crosscoder was trained in.
+``model_cfg.yaml`` names the activation function (``ReLUActivation``, ``AnthropicSTEJumpReLUActivation``,
+``TopkActivation`` ``{k}``, ``BatchTopkActivation`` ``{k_per_example}``: no inference threshold is saved, the
+analysis estimates it) and the dims; model ids and hook points come from the run's ``experiment_config.yaml``
+(``data.activations_harvester.llms[].name``, ``hookpoints``) one or two folders up, or from the options.
 """
 
 from __future__ import annotations
@@ -41,6 +41,15 @@ LABEL = "crosscode crosscoder"
 FILES = "model.pt + model_cfg.yaml (_W_enc_XiDiL, _W_dec_LXoDo, b_enc_L, _b_dec_XoDo)"
 
 JUMPRELU_CLASSES = ("AnthropicSTEJumpReLUActivation", "JumpReLUActivationFunction")
+
+#: The JumpReLU log-threshold's state-dict key, in the order tried. crosscode's JumpReLU module is the
+#: crosscoder's ``_activation_fn`` since 31 March 2025, ``activation_fn`` before that and
+#: ``hidden_activation`` in its first versions; its parameter is ``log_threshold_L`` since the ``_W_enc_XiDiL``
+#: weights (28 March 2025), ``log_threshold_H`` before, and plain ``log_threshold`` in some saved files.
+#: Every combination is accepted; ``atlas inspect`` names the key found (a note ``JumpReLU threshold =
+#: exp(KEY)``).
+LOG_THRESHOLD_KEYS = tuple(f"{module}.{param}" for module in ("_activation_fn", "activation_fn", "hidden_activation")
+                           for param in ("log_threshold_L", "log_threshold", "log_threshold_H"))
 
 
 def sniff(raw: RawCheckpoint) -> bool:
@@ -119,7 +128,8 @@ def convert(raw: RawCheckpoint, opts: Options) -> Crosscoder:
 
 def _activation(raw: RawCheckpoint, cfg: dict, cfg_path, F: int, opts: Options):
     spec = cfg.get("activation_fn") if isinstance(cfg.get("activation_fn"), dict) else None
-    log_th = raw.state.get("activation_fn.log_threshold_L")
+    th_key = next((key for key in LOG_THRESHOLD_KEYS if key in raw.state), None)
+    log_th = raw.state.get(th_key) if th_key is not None else None
     if spec is None:
         if not cfg and log_th is None:
             raise AtlasError(
@@ -136,9 +146,12 @@ def _activation(raw: RawCheckpoint, cfg: dict, cfg_path, F: int, opts: Options):
         return "relu", None, None
     if cls in JUMPRELU_CLASSES:
         if log_th is None:
-            raise AtlasError(f"{raw.path}: a JumpReLU crosscoder without activation_fn.log_threshold_L; the file is incomplete")
+            raise AtlasError(f"{raw.path}: a JumpReLU crosscoder without its log-threshold (none of the keys "
+                             f"{', '.join(LOG_THRESHOLD_KEYS)}); the file is incomplete: re-save the crosscoder's "
+                             "whole state dict")
         if log_th.numel() != F:
-            raise AtlasError(f"{raw.path}: activation_fn.log_threshold_L has {log_th.numel()} values for {F} latents")
+            raise AtlasError(f"{raw.path}: {th_key} has {log_th.numel()} values for {F} latents; the file is damaged")
+        opts.notes.append(f"JumpReLU threshold = exp({th_key})")
         return "jumprelu", torch.exp(f32(log_th)).reshape(F), None
     if cls == "TopkActivation":
         if params.get("k") is None:
