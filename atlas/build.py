@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .errors import AtlasError, os_error
+from .lifetimes import frozen, paused
 
 # what a folder that already holds an analysis cache (complete or interrupted) contains
 _CACHE_ENTRIES = ("manifest.json", "state", "vocab.json", "tokens.npy", "features.npz", "examples.npz", "logits.npz")
@@ -73,8 +74,9 @@ def check_features_alive(cache_dir: Path, manifest) -> None:
 
 def analyze_command(args, cache_dir: Path | None = None):
     """Load the checkpoint, the models and the corpus; analyse; write the cache. Returns its Manifest."""
-    from . import distributed
-    from .analyze import check_counts, parse_feature_range, parse_shard, parse_shared_range
+    with paused():  # torch and the analysis modules (atlas.lifetimes)
+        from . import distributed
+        from .analyze import check_counts, parse_feature_range, parse_shard, parse_shared_range
 
     cache_dir = Path(cache_dir or args.output)
     features = parse_feature_range(args.features) if args.features is not None else None
@@ -108,11 +110,12 @@ def _analyze(args, cache_dir: Path, comm, device_arg, features, shard, shared_ra
     device, dtype = pick_device(device_arg, args.dtype)
 
     # load
-    crosscoder = load_checkpoint(args.checkpoint, models=args.model, hook_point=args.hook_point,
-                                 scale=args.scale)
-    models = load_models(crosscoder.sources, device=device, dtype=dtype, remote=args.remote)
-    tokens = load_corpus(args.dataset, models.tokenizer, n_sequences=args.n_samples,
-                         seq_len=args.seq_len, text_column=args.text_column, seed=args.seed)
+    with paused():  # imports and loading: long-lived objects, no garbage (atlas.lifetimes)
+        crosscoder = load_checkpoint(args.checkpoint, models=args.model, hook_point=args.hook_point,
+                                     scale=args.scale)
+        models = load_models(crosscoder.sources, device=device, dtype=dtype, remote=args.remote)
+        tokens = load_corpus(args.dataset, models.tokenizer, n_sequences=args.n_samples,
+                             seq_len=args.seq_len, text_column=args.text_column, seed=args.seed)
 
     # validate
     models.check_compatible(crosscoder)
@@ -138,8 +141,9 @@ def _analyze(args, cache_dir: Path, comm, device_arg, features, shard, shared_ra
         save_every=args.save_every,
         features=features,
     )
-    manifest = run_analysis(crosscoder, models, tokens, options, cache_dir, device=device, dtype=dtype,
-                            comm=comm, shard=shard)
+    with frozen():  # the modules, models and tokenizer loaded above live until the end (atlas.lifetimes)
+        manifest = run_analysis(crosscoder, models, tokens, options, cache_dir, device=device, dtype=dtype,
+                                comm=comm, shard=shard)
     if shard is None and (comm is None or comm.rank == 0):  # a shard has no features.npz; rank 0 wrote the cache
         check_features_alive(cache_dir, manifest)
     return manifest
@@ -187,11 +191,12 @@ def build(args) -> None:
     cache_dir = _cache_dir_for(args)
     check_output(Path(args.output))  # before the analysis: a refused output folder must not cost a run
     check_writable(Path(args.output).absolute().parent)
-    manifest = analyze_command(args, cache_dir)
-    if _torchrun_rank() > 0:  # under torchrun rank 0 renders; the other ranks are done
-        return
-    summary = render_command(args, cache_dir)
-    problems = verify_site(Path(args.output))
+    with frozen():  # the analysis freezes what it loads; it stays frozen through render and verification
+        manifest = analyze_command(args, cache_dir)
+        if _torchrun_rank() > 0:  # under torchrun rank 0 renders; the other ranks are done
+            return
+        summary = render_command(args, cache_dir)
+        problems = verify_site(Path(args.output))
     if problems:
         raise AtlasError("the written site failed verification: " + "; ".join(problems[:5]))
     elapsed = time.perf_counter() - start

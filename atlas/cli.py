@@ -225,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("atlas: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        if argv is None:  # the command line: the process exits next (see atlas.lifetimes)
+            from .lifetimes import freeze_for_exit
+
+            freeze_for_exit()
     return 0
 
 

@@ -113,3 +113,52 @@ def test_tokenizer_without_bos(tmp_path, tok):
     docs = list(iter_documents(str(tmp_path / "c.jsonl")))
     want = _stream(no_bos, docs)
     assert rows.flatten().tolist() == want[: len(want) // 2 * 2]
+
+
+def _datasets_rows(builder, files, **kwargs):
+    import datasets
+
+    return list(datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs))
+
+
+def test_plain_readers_give_the_rows_datasets_gives(tmp_path):
+    """.txt and .jsonl are read without ``datasets``: the rows (and so the documents) are the ones its
+    text (sample_by="paragraph") and json builders give, on files with the awkward cases."""
+    import atlas.corpus as corpus
+
+    txt = tmp_path / "a.txt"
+    txt.write_bytes("first\r\nparagraph\r\n\r\nsecond é\n\n\n\nthird\n\n \n\nlast line\n".encode())
+    txt2 = tmp_path / "b.txt"
+    txt2.write_text("\n\nlead blank\n\nend without newline")
+    files = [str(txt), str(txt2)]
+    assert list(corpus._plain_rows("text", files, "x")) == _datasets_rows("text", files, sample_by="paragraph")
+
+    jl = tmp_path / "c.jsonl"
+    rows = [{"text": "one", "id": 1}, {"text": "two\n\nlines ü", "id": 2}, {"text": "", "id": 3},
+            {"text": "  ", "id": 4}, {"text": "five", "id": 5}]
+    jl.write_text("\n".join(json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in enumerate(rows)) + "\n\n")
+    assert list(corpus._plain_rows("json", [str(jl)], "x")) == _datasets_rows("json", [str(jl)])
+    assert corpus._plain_rows("json", [str(jl), str(tmp_path / "d.json")], "x") is None  # .json: datasets
+
+
+def test_plain_readers_name_a_bad_jsonl_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(AtlasError, match=r"line 2 of .*bad.jsonl is not JSON"):
+        list(iter_documents(str(bad)))
+    bad.write_text('{"text": "ok"}\n["text"]\n')
+    with pytest.raises(AtlasError, match=r"line 2 of .*bad.jsonl is not a JSON object"):
+        list(iter_documents(str(bad)))
+
+
+def test_reading_txt_and_jsonl_does_not_import_datasets(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "c.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "d.txt").write_text("world\n\nagain\n")
+    code = ("import sys; from atlas.corpus import iter_documents; "
+            f"docs = sorted(iter_documents({str(tmp_path)!r})); "
+            "print(docs, 'datasets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['again\\n', 'hello', 'world'] False"

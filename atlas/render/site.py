@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import AtlasError
+from ..lifetimes import frozen
 
 from .assets import asset_files
 from .chunks import PAGE_LEVEL, encode_payload
@@ -131,7 +132,11 @@ class _PageWriters:
         self.pool = None
         self.pending = []
         _JOB = job
+        self._frozen = None
         if workers > 1 and len(self.ranges) > 1:
+            # forked writers never walk the objects they inherit (a collection there would copy their pages)
+            self._frozen = frozen()
+            self._frozen.__enter__()
             # fork before any other thread (the progress bar's monitor) exists in this process
             self.pool = mp.get_context("fork").Pool(workers)
 
@@ -165,6 +170,9 @@ class _PageWriters:
             self.pool.terminate()
             self.pool.join()
             self.pool = None
+        if self._frozen is not None:
+            self._frozen.__exit__(None, None, None)
+            self._frozen = None
 
 
 def _site_title(cache, title: str | None) -> str:
