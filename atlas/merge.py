@@ -299,7 +299,8 @@ def concatenate(parts: list["cache_format.Cache"]) -> "cache_format.Cache":
     n_total = int(m0.checkpoint.get("n_features_total", stop))
     manifest.checkpoint["fingerprint"] = fingerprint(m0.checkpoint["inputs_fingerprint"], first, stop, n_total)
     return cache_format.Cache(manifest=manifest, vocab=parts[0].vocab, tokens=parts[0].tokens,
-                              features=cat("features"), examples=cat("examples"), logits=cat("logits"))
+                              features=cat("features"), examples=cat("examples"), logits=cat("logits"),
+                              corpus_ids=parts[0].corpus_ids)
 
 
 def merge_folders(folders: list[Path], output: Path, device: str | None = None) -> "cache_format.Manifest":
