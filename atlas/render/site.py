@@ -38,7 +38,8 @@ from ..errors import AtlasError
 
 from .assets import asset_files
 from .chunks import PAGE_LEVEL, encode_payload
-from .features import FeatureFacts, WindowTokens, diff_thresholds, feature_facts, iter_features
+from .features import (FeatureFacts, WindowTokens, corpus_meta, corpus_names, diff_thresholds, feature_facts,
+                       iter_features)
 from .index import ROWS_PER_CHUNK, index_chunk_files
 from .labels import Label, load_labels
 from .load import load_cache
@@ -214,7 +215,8 @@ def render_site(cache_dir: Path, out: Path, *, title: str | None = None, labels:
     label_map = {i: lab for i, lab in label_map.items() if i in page_ids}
     names = _source_names(cache)
     site = SiteInfo(title=_site_title(cache, title), has_diff=S >= 2, n_features=F, first_id=first,
-                    sources=names, dataset=m.dataset, n_tokens=m.n_tokens, rel_thresholds=diff_thresholds(cache))
+                    sources=names, dataset=m.dataset, n_tokens=m.n_tokens, rel_thresholds=diff_thresholds(cache),
+                    corpora=corpus_names(cache))
     vocab = build_site_vocab(cache)
     env = make_environment()
     workers = _default_workers(F) if workers is None else max(1, int(workers))
@@ -264,7 +266,8 @@ def _write_site_files(staged: StagedSite, env, cache, site: SiteInfo, vocab, fac
     n_lab_shards, lab_files = label_shard_files(label_map, set(page_ids))
     staged.write_all(lab_files)
     has_labels = bool(label_map)
-    index_files = index_chunk_files(facts_all, vocab.strings, label_map if has_labels else None)
+    index_files = index_chunk_files(facts_all, vocab.strings, label_map if has_labels else None,
+                                    special=cache.features.special_n_active is not None)
     staged.write_all(index_files)
 
     meta = SiteMeta({
@@ -283,19 +286,21 @@ def _write_site_files(staged: StagedSite, env, cache, site: SiteInfo, vocab, fac
         "has_labels": has_labels,
         "has_diff": site.has_diff,
         "rel_thresholds": list(site.rel_thresholds),
-    })
+    } | corpus_meta(cache))
     staged.write("data/meta.js", meta.to_bytes())
 
     description = f"{site.title}: an atlas of {F:,} features of {', '.join(names)}."
     rel_a, rel_b = site.rel_thresholds
-    index_page = IndexPage(site, description, S, has_labels, rel_a, rel_b)
+    index_page = IndexPage(site, description, S, has_labels, rel_a, rel_b, corpora=list(site.corpora),
+                           has_special=cache.features.special_n_active is not None)
     staged.write("index.html", env.get_template("index.html").render(index_page.variables()).encode("utf-8"))
     if site.has_diff:
         overview = OverviewPage(site, overview_charts(facts_all, names, site.rel_thresholds),
                                 overview_classes(facts_all, S))
         staged.write("diff/index.html", env.get_template("diff.html").render(overview.variables()).encode("utf-8"))
     staged.write("404.html", env.get_template("404.html").render(NotFoundPage(site).variables()).encode("utf-8"))
-    staged.write("features.csv", features_csv(facts_all, vocab.strings, label_map, S))
+    staged.write("features.csv", features_csv(facts_all, vocab.strings, label_map, S, corpora=site.corpora,
+                                              has_special=cache.features.special_n_active is not None))
     paths = ["index.html"] + (["diff/"] if site.has_diff else []) + [f"f/{i}/" for i in page_ids]
     staged.write_all(sitemap_files(paths, site_url))
     staged.write(".nojekyll", b"")
