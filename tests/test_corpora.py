@@ -51,6 +51,27 @@ def test_bad_dataset_values_name_the_fix(values, message):
     assert "--dataset" in str(err.value)
 
 
+def test_demo_defaults_to_800_sequences_of_both_corpora():
+    from atlas.build import dataset_label, n_samples_of
+    from atlas.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert n_samples_of(parse(["build"])) == 800  # the demo: >= 100k tokens of 128-token sequences
+    assert n_samples_of(parse(["build", "ckpt.pt"])) == 100
+    assert n_samples_of(parse(["analyze", "-s", "7"])) == 7
+    args = parse(["build", "--dataset", "web=a.jsonl", "--dataset", "chat=b.jsonl"])
+    assert args.dataset == ["web=a.jsonl", "chat=b.jsonl"]
+    assert dataset_label(args.dataset) == "web=a.jsonl, chat=b.jsonl"
+    assert dataset_label(None) == "demo corpora (english, python)"
+
+
+def test_bad_dataset_fails_before_any_model_loads(capsys):
+    from atlas.cli import main
+
+    assert main(["analyze", "ckpt-that-does-not-exist.pt", "--dataset", "a=x.jsonl", "--dataset", "y.jsonl"]) != 0
+    assert "mixes named" in capsys.readouterr().err
+
+
 def test_sequences_are_shared_equally():
     assert share_sequences(800, 2) == [400, 400]
     assert share_sequences(7, 3) == [3, 2, 2]
