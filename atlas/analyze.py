@@ -86,6 +86,7 @@ class AnalysisOptions:
     n_corr_features: int = 10  # correlated features kept per feature (0: none computed)
     diff_shared: tuple[float, float] = (0.3, 0.7)  # relative-norm range of "shared" (two sources)
     next_token_effects: str = "top"  # per window token effect on the next token's logit: top, all, none
+    latent_scaling: str = "auto"  # two-source latent scaling: auto (when every feature is analysed), on, off
     save_every: int = 50  # batches between resume files
     scale_batches: int = 4  # batches used to estimate a missing input scale
     progress: bool = True
@@ -241,7 +242,8 @@ def inputs_fingerprint(crosscoder, sources, tokens: torch.Tensor, options: Analy
         "version": __version__, "format": cache_format.FORMAT_VERSION, "activation": crosscoder.activation,
         "k": crosscoder.k, "sources": [[s.model, s.site] for s in sources],
         "options": {k: v for k, v in dataclasses.asdict(options).items()
-                    if k not in ("progress", "reuse", "save_every", "dataset", "n_features", "features", "corpora")},
+                    if k not in ("progress", "reuse", "save_every", "dataset", "n_features", "features",
+                                 "latent_scaling", "corpora")},  # latent scaling: as resolved, in the settings
         # which corpus each sequence came from (not where its file lies)
         "corpora": [[c["name"], int(c["n_sequences"])] for c in options.corpora],
         "settings": dataclasses.asdict(settings), "dtype": str(dtype),
@@ -421,6 +423,7 @@ class Plan:
         return FeatureSummaries(self.n_features, self.settings, self.options.seed, device=self.device,
                                 feature_offset=self.first, width=cc.n_sources * cc.d_model,
                                 n_sources=cc.n_sources, candidates=candidates,
+                                latent_scaling=bool(getattr(st, "latent_scaling", False)),
                                 n_corpora=max(1, len(self.options.corpora)))
 
     def state_path(self, cache_dir: Path) -> Path:
@@ -455,6 +458,23 @@ def feature_range(crosscoder, options: AnalysisOptions) -> tuple[int, int, int]:
     return 0, n, n
 
 
+def latent_scaling_enabled(crosscoder, options: AnalysisOptions, first: int, stop: int) -> bool:
+    """Whether the analysis computes latent scaling (``--latent-scaling``): ``auto`` for a two-source
+    crosscoder whose every feature is analysed (a slice of features would need the whole dictionary
+    encoded again at every batch, for the reconstructions), ``on`` for any two-source analysis."""
+    mode = options.latent_scaling
+    if mode not in ("auto", "on", "off"):
+        raise AtlasError(f"--latent-scaling {mode!r} is not one of auto, on, off: pass e.g. --latent-scaling on")
+    if mode == "off":
+        return False
+    if crosscoder.n_sources != 2:
+        if mode == "on":
+            raise AtlasError(f"--latent-scaling on needs a crosscoder over two models (this one has "
+                             f"{crosscoder.n_sources} source(s)): pass --latent-scaling off or auto")
+        return False
+    return mode == "on" or (first == 0 and stop == crosscoder.n_features)
+
+
 def prepare(crosscoder, models, tokens: torch.Tensor, options: AnalysisOptions, device, dtype, comm=None,
             shard: tuple[int, int] | None = None) -> Plan:
     """Check the options and fix what this process analyses (see :class:`Plan`)."""
@@ -473,6 +493,7 @@ def prepare(crosscoder, models, tokens: torch.Tensor, options: AnalysisOptions, 
         n_corr_candidates=options.corr_candidates, n_corr_features=options.n_corr_features,
         diff_shared_lo=float(options.diff_shared[0]), diff_shared_hi=float(options.diff_shared[1]),
         next_token_effects=options.next_token_effects,
+        latent_scaling=latent_scaling_enabled(crosscoder, options, first, stop),
     )
     inputs_fp = inputs_fingerprint(crosscoder, models.sources, tokens, options, settings, dtype)
     fp = fingerprint(inputs_fp, first, stop, among)
@@ -623,6 +644,50 @@ def batch_topk_thresholds(crosscoder, batches: list, device, dtype, block: int =
     return [float(b[want - 1]) if want and b.numel() >= want else 0.0 for b, want in zip(best, wants)]
 
 
+class ReconstructionInputs:
+    """For latent scaling: a batch's crosscoder inputs ``h`` and reconstructions ``ĥ`` (float32
+    ``[B·T, S, d]``, as the crosscoder sees them) and the decoder coefficients of the analysed latents'
+    active entries (:meth:`atlas.stats.FeatureSummaries.update`'s ``scaling``).
+
+    The reconstruction needs every latent's activation: when only a slice of the dictionary is analysed,
+    the whole dictionary is encoded again (``whole``), at about the cost of a second encode."""
+
+    def __init__(self, encode: FeatureEncoder, crosscoder, device, dtype):
+        self.encode = encode
+        full = encode.first == 0 and encode.stop == crosscoder.n_features
+        self.whole = encode if full else FeatureEncoder(crosscoder, 0, crosscoder.n_features, device, dtype)
+        cc = self.whole.crosscoder
+        self.W_all, self.b_dec = cc.W_dec, cc.b_dec
+        self.act_scale = None if cc.act_scale is None else cc.act_scale.float()
+        self.first = encode.first
+
+    def _coef(self, feat: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        return vals if self.act_scale is None else vals / self.act_scale.index_select(0, feat).clamp_min(1e-12)
+
+    def for_batch(self, x: torch.Tensor, counted: torch.Tensor):
+        """The ``scaling`` callback for the batch ``x[B, T, S, d]`` with counted tokens ``counted[B, T]``."""
+        from .stats.latent_scaling import reconstruct
+        from .stats.summaries import positive_entries
+
+        B, T, S, d = x.shape
+        cc = self.whole.crosscoder
+        h = cc.model_input(x.reshape(B * T, S, d)).float()
+
+        def scaling(nz_tok, nz_f, nz_vals):
+            if self.whole is self.encode:
+                tok, feat, vals = nz_tok, nz_f, nz_vals
+            else:
+                acts = self.whole(x).reshape(B * T, -1)
+                acts[~counted.reshape(-1).to(acts.device)] = 0
+                tok, feat, vals = positive_entries(acts)
+                del acts
+            recon = reconstruct(h, tok, feat, self._coef(feat, vals), self.W_all, self.b_dec)
+            coef = self._coef(nz_f + self.first, nz_vals)
+            return h, recon, self.encode.W_dec, coef
+
+        return scaling
+
+
 def _fold(plan: Plan, summaries, stream, encode, state_path: Path, estimates: tuple, first_batch: int) -> None:
     """Encode each extracted batch and fold it into ``summaries``; save the resume file on the way."""
     from tqdm.auto import tqdm
@@ -636,6 +701,10 @@ def _fold(plan: Plan, summaries, stream, encode, state_path: Path, estimates: tu
     since_save, done = 0, first_batch
     corpus_of = plan.corpus_ids
     special_ids = plan.models.special_ids
+    recon = None
+    if summaries.latent is not None:
+        recon = ReconstructionInputs(encode, dataclasses.replace(plan.crosscoder, input_scale=estimates[0],
+                                                                 threshold=estimates[1]), plan.device, plan.dtype)
 
     def save(batches: int) -> None:
         save_torch_atomic(state_path, {"fingerprint": plan.fingerprint, "batches_done": batches,
@@ -653,10 +722,11 @@ def _fold(plan: Plan, summaries, stream, encode, state_path: Path, estimates: tu
             special = special_mask(plan.tokens[lo:hi], plan.models.bos_token_id, plan.options.exclude_bos,
                                    special_ids)
             done = None  # the summaries are mid-update until the batch is folded in
-            summaries.update(acts, counted, seq_offset=lo, x=x, corpus=corpus_of[lo:hi].to(acts.device),
-                             special=special)
+            scaling = recon.for_batch(x, counted) if recon is not None else None
+            summaries.update(acts, counted, seq_offset=lo, x=x, scaling=scaling,
+                             corpus=corpus_of[lo:hi].to(acts.device), special=special)
             done = b_idx + 1
-            del acts, x
+            del acts, x, scaling
             bar.update((hi - lo) * T)
             since_save += 1
             if since_save >= plan.options.save_every and done < plan.mine[1]:
@@ -770,7 +840,7 @@ def assemble(summaries, inputs: FinishInputs, manifest, tokens, logit_hist_bins:
     from .stats import decoder_norms, example_windows, logit_effects, nearest_neighbours, neuron_alignment
 
     settings = manifest.settings
-    arrays = summaries.finalize()
+    arrays = summaries.finalize(W_dec=inputs.W_dec)
     if "fcorr_ids" in arrays:  # candidate ids are local to the analysed features
         arrays["fcorr_ids"] = np.where(arrays["fcorr_ids"] >= 0, arrays["fcorr_ids"] + manifest.feature_offset,
                                        -1).astype(np.int32)

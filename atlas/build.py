@@ -155,6 +155,7 @@ def _analyze(args, cache_dir: Path, comm, device_arg, features, shard, shared_ra
         exclude_special=args.exclude_special,
         neuron_correlations=not args.no_neuron_correlations,
         next_token_effects=args.next_token_effects,
+        latent_scaling=args.latent_scaling,
         n_corr_features=args.corr_features,
         corr_candidates=args.corr_candidates,
         diff_shared=shared_range,

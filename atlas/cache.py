@@ -128,6 +128,7 @@ class Settings:
     diff_shared_lo: float = 0.3  # diff_class: relative norm below → model-A-only
     diff_shared_hi: float = 0.7  # diff_class: relative norm above → model-B-only
     next_token_effects: str = "top"  # *_next_logit for "top" examples, "all" (top and intervals), "none"
+    latent_scaling: bool = False  # FeatureStats.ls_* computed (two-source crosscoders; --latent-scaling)
 
     @property
     def window(self) -> int:
@@ -222,6 +223,12 @@ class FeatureStats:
       out here too. The share of the feature's activations on special tokens is
       ``special_n_active / (n_active + special_n_active)`` when ``Settings.exclude_special`` (n_active then
       counts no special token), else ``special_n_active / n_active`` (:func:`special_share`)
+    - latent scaling (``Settings.latent_scaling``; two sources, S = 2; :mod:`atlas.stats.latent_scaling`
+      defines it): ``ls_beta_err[F, 2, 2]`` and ``ls_beta_rec[F, 2, 2]`` (float32), the β fitted along
+      the decoder of source m (axis 1) to model t's reconstruction error with the latent's own
+      contribution added back (``err``) or to its reconstruction (``rec``), t on axis 2; ``ls_nu_err[F]``
+      and ``ls_nu_rec[F]`` (float32), ν = β(other model) / β(own model) along the own decoder (own = the
+      source with the larger decoder norm). NaN where undefined (never active, zero decoder or β(own) = 0)
     """
 
     density: np.ndarray
@@ -244,6 +251,10 @@ class FeatureStats:
     ncorr_val: np.ndarray | None = None
     fcorr_ids: np.ndarray | None = None
     fcorr_val: np.ndarray | None = None
+    ls_beta_err: np.ndarray | None = None
+    ls_beta_rec: np.ndarray | None = None
+    ls_nu_err: np.ndarray | None = None
+    ls_nu_rec: np.ndarray | None = None
     corpus_n_active: np.ndarray | None = None
     corpus_max_act: np.ndarray | None = None
     special_n_active: np.ndarray | None = None

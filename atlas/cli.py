@@ -91,6 +91,10 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--next-token-effects", choices=["top", "all", "none"], default="top",
                    help="which example windows get each token's effect on the next token's logit, shown "
                    "on hover: top examples, all (interval samples too), none (default: top)")
+    p.add_argument("--latent-scaling", choices=["auto", "on", "off"], default="auto",
+                   help="latent scaling of a two-model crosscoder (how much of each latent the other model "
+                   "holds, docs: panels): auto computes it when every feature is analysed, on also for a "
+                   "subset (the whole dictionary is then encoded twice per batch), off skips it (default: auto)")
     p.add_argument("--exclude-special", action="store_true",
                    help="leave every special token of the tokenizer (end-of-text, padding, chat-template "
                    "markers such as <|im_start|>) out of the statistics, as BOS is")

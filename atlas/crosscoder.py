@@ -91,8 +91,9 @@ class Crosscoder:
             setattr(self, name, mv(getattr(self, name)))
         return self
 
-    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
-        """``x[B, S, d]`` → pre-activations ``[B, F]`` (input normalisation and scale applied)."""
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x[B, S, d]`` as the encoder reads it and the decoder reconstructs it: input normalisation and
+        scale applied."""
         if self.input_norm == "constant_norm_rescale":
             x = x * (x.shape[-1] ** 0.5 / x.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         elif self.input_norm == "layer_norm":
@@ -100,6 +101,11 @@ class Crosscoder:
             x = x / (x.std(dim=-1, keepdim=True) + 1e-5)
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)[None, :, None]
+        return x
+
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """``x[B, S, d]`` → pre-activations ``[B, F]`` (input normalisation and scale applied)."""
+        x = self.model_input(x)
         return torch.einsum("bsd,sdf->bf", x.to(self.W_enc.dtype), self.W_enc) + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

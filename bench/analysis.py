@@ -263,6 +263,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-neuron-correlations", action="store_true", help="skip correlated neurons")
     p.add_argument("--corr-candidates", type=int, default=None, help="feature-correlation candidates (0: none)")
     p.add_argument("--next-token-effects", default=None, choices=["top", "all", "none"])
+    p.add_argument("--latent-scaling", default=None, choices=["auto", "on", "off"],
+                   help="latent scaling (two sources only; auto: on when --sources 2)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time each part of the analysis (one more run, device synchronised per part)")
     args = p.parse_args(argv)
@@ -279,7 +281,7 @@ def main(argv=None) -> None:
                                   save_every=10**9)
         extra = {"neuron_correlations": not args.no_neuron_correlations,
                  "corr_candidates": args.corr_candidates, "n_corr_features": 0 if args.corr_candidates == 0 else None,
-                 "next_token_effects": args.next_token_effects}
+                 "next_token_effects": args.next_token_effects, "latent_scaling": args.latent_scaling}
         known = {f.name for f in dataclasses.fields(AnalysisOptions)}
         options = dataclasses.replace(options, **{k: v for k, v in extra.items() if v is not None and k in known})
         n_tok = tokens.numel()

@@ -413,6 +413,22 @@ def _add_optional_stats(rng, st: Settings, fs: FeatureStats, ex: Examples, token
         ex.top_next_logit = _next_logits(ex.top_seq, ex.top_pos, ex.top_window, tokens, f_ids, fs.dec_norm, wb)
         if st.next_token_effects == "all":
             ex.iv_next_logit = _next_logits(ex.iv_seq, ex.iv_pos, ex.iv_window, tokens, f_ids, fs.dec_norm, wb)
+    # latent scaling (two sources): β fits near 1 for the own model, smaller for the other as the decoder
+    # leans to one side; ν = β(other)/β(own) along the own decoder; NaN for dead features
+    if S == 2:
+        st.latent_scaling = True
+        own = fs.dec_norm.argmax(axis=1)
+        beta = {}
+        for name in ("err", "rec"):
+            b = rng.uniform(0.6, 1.2, (F, 2, 2)).astype(np.float32)
+            lean = np.abs(rel - 0.5)[:, None] * 2  # 0 shared … 1 one-sided
+            other = rng.uniform(0.0, 1.0, F).astype(np.float32) * (1 - lean[:, 0]) + rng.uniform(0, 0.3, F) * lean[:, 0]
+            b[np.arange(F), own, 1 - own] = other * b[np.arange(F), own, own]
+            b[dead] = np.nan
+            beta[name] = b
+            nu = b[np.arange(F), own, 1 - own] / b[np.arange(F), own, own]
+            setattr(fs, f"ls_nu_{name}", nu.astype(np.float32))
+        fs.ls_beta_err, fs.ls_beta_rec = beta["err"], beta["rec"]
 
 
 def write_synthetic_cache(folder: Path, **kwargs) -> Path:

@@ -308,6 +308,39 @@ def test_index_lists_sorts_and_filters(world, page, where):
     assert "dens=" in page.url
 
 
+def test_latent_scaling_columns_filters_and_panel(world, page):
+    """ν^ε / ν^r: index columns (sortable, NaN last), the ≤ filters and the hash, and the page section."""
+    fs = world["cache"].features
+    nue = fs.ls_nu_err.astype(np.float32)
+    _ready(page, world["bases"]["root"] + "index.html#nue=0.3")
+    want = np.flatnonzero(nue <= np.float32(0.3)).tolist()
+    assert want and len(want) < N_FEATURES
+    assert sorted(_all_row_ids(page)) == want
+    assert page.locator("#f-nue").input_value() == "0.3"
+    page.click("#f-reset")
+    page.fill("#f-nur", "0.5")
+    page.locator("#f-nur").dispatch_event("change")
+    assert sorted(_all_row_ids(page)) == np.flatnonzero(fs.ls_nu_rec.astype(np.float32) <= np.float32(0.5)).tolist()
+    assert "nur=0.5" in page.url
+    page.click("#f-reset")
+    page.click("th[data-key=nue] button")  # descending first, NaN (dead features) last
+    page.evaluate("document.getElementById('table').scrollTop = 0")
+    page.wait_for_timeout(50)
+    assert _row_ids(page)[0] == int(np.nanargmax(nue))
+    first = page.locator("#rows tr:not(.spacer)").first
+    cells = first.locator("td").all_inner_texts()
+    assert fmt_num(float(nue[np.nanargmax(nue)]), 2) in cells
+
+    fid = int(np.flatnonzero(fs.n_active > 0)[0])
+    _ready(page, world["bases"]["file"] + f"f/{fid}/index.html")
+    assert page.locator("#nu-err").inner_text() == fmt_num(float(fs.ls_nu_err[fid]))
+    assert page.locator("#nu-rec").inner_text() == fmt_num(float(fs.ls_nu_rec[fid]))
+    assert page.locator("table.betas tbody tr").count() == 4
+    dead = int(np.flatnonzero(fs.n_active == 0)[0])
+    _ready(page, world["bases"]["file"] + f"f/{dead}/index.html")
+    assert page.locator("#latent-scaling").count() == 0
+
+
 def test_search(world, page):
     site = world["site"]
     base = world["bases"]["sub"]

@@ -172,10 +172,12 @@ def test_merge_refuses_missing_duplicate_and_foreign_shards(setup, tmp_path):
 
 
 def test_feature_slices_merged_equal_the_whole(setup, whole, tmp_path):
-    first = analyse(setup, tmp_path / "f0", dataclasses.replace(OPTIONS, features=(0, 24)))
+    # latent scaling needs the whole dictionary's reconstruction: slices compute it when asked (on)
+    first = analyse(setup, tmp_path / "f0", dataclasses.replace(OPTIONS, features=(0, 24), latent_scaling="on"))
     assert first.feature_offset == 0 and first.n_features == 24 and first.complete
     for k in range(2):  # the second slice as two shards
-        analyse(setup, tmp_path / f"f1-{k}", dataclasses.replace(OPTIONS, features=(24, 64)), shard=(k, 2))
+        analyse(setup, tmp_path / f"f1-{k}", dataclasses.replace(OPTIONS, features=(24, 64), latent_scaling="on"),
+                shard=(k, 2))
     sliced = read_cache(tmp_path / "f0")
     # a slice alone: its neighbours are ids in the whole dictionary, as in the whole run
     np.testing.assert_array_equal(sliced.features.neighbours, whole.features.neighbours[:24])
@@ -196,14 +198,14 @@ def test_feature_slices_merged_equal_the_whole(setup, whole, tmp_path):
         np.testing.assert_array_equal(getattr(merged.examples, name), getattr(whole.examples, name))
 
     # a slice that does not start at 0 keeps its offset, and merging leaves no gap and no overlap
-    analyse(setup, tmp_path / "f2", dataclasses.replace(OPTIONS, features=(30, 64)))
+    analyse(setup, tmp_path / "f2", dataclasses.replace(OPTIONS, features=(30, 64), latent_scaling="on"))
     assert read_cache(tmp_path / "f2").manifest.feature_offset == 30
     with pytest.raises(AtlasError, match=r"features 24\.\.29 are missing"):
         merge_folders([tmp_path / "f0", tmp_path / "f2"], tmp_path / "gap")
     with pytest.raises(AtlasError, match="overlap"):
         merge_folders([tmp_path / "merged", tmp_path / "f2"], tmp_path / "overlap")
     # --n-features searches neighbours among its own features only: such a cache is not a slice
-    analyse(setup, tmp_path / "first24", dataclasses.replace(OPTIONS, n_features=24))
+    analyse(setup, tmp_path / "first24", dataclasses.replace(OPTIONS, n_features=24, latent_scaling="on"))
     with pytest.raises(AtlasError, match="--features 0:24"):
         merge_folders([tmp_path / "first24", tmp_path / "f1-0", tmp_path / "f1-1"], tmp_path / "mixed")
 

@@ -65,6 +65,11 @@ class FeatureFacts:
     n_top: int  # top examples shown
     top_tokens: list[int] = field(default_factory=list)  # site ids, most frequent max-token first
     diff_class: int = DIFF_NONE  # DIFF_*: model-diff class (S = 2), see diff_classes_of
+    # latent scaling (S = 2 caches that have it, else NaN / None): ν^ε, ν^r and the β fits [m][t]
+    nu_err: float = float("nan")
+    nu_rec: float = float("nan")
+    beta_err: list | None = None
+    beta_rec: list | None = None
     # named corpora (Manifest.corpora, in order; empty without them): density and max on each corpus
     corpus_density: list[float] = field(default_factory=list)
     corpus_max: list[float] = field(default_factory=list)
@@ -225,6 +230,19 @@ class FactsBlock:
     centre_w: np.ndarray
 
 
+def latent_scaling_of(cache: Cache, a: int, b: int) -> dict[str, list]:
+    """``FeatureFacts`` latent-scaling fields of features ``a..b`` (``{}`` when the cache has none)."""
+    fs = cache.features
+    if fs.ls_nu_err is None or fs.ls_nu_rec is None or len(cache.manifest.sources) != 2:
+        return {}
+    out = {"nu_err": np.asarray(fs.ls_nu_err[a:b], dtype=np.float32).tolist(),
+           "nu_rec": np.asarray(fs.ls_nu_rec[a:b], dtype=np.float32).tolist()}
+    if fs.ls_beta_err is not None and fs.ls_beta_rec is not None:
+        out["beta_err"] = np.asarray(fs.ls_beta_err[a:b], dtype=np.float32).tolist()
+        out["beta_rec"] = np.asarray(fs.ls_beta_rec[a:b], dtype=np.float32).tolist()
+    return out
+
+
 def feature_facts(cache: Cache, gather: WindowTokens, a: int, b: int) -> FactsBlock:
     """Facts of the features with cache indices ``a..b`` (vectorised; no example windows gathered)."""
     m = cache.manifest
@@ -255,12 +273,14 @@ def feature_facts(cache: Cache, gather: WindowTokens, a: int, b: int) -> FactsBl
     sp_share = (special_share(fs.n_active[a:b], fs.special_n_active[a:b], m.settings.exclude_special).tolist()
                 if fs.special_n_active is not None else [float("nan")] * n)
     nan = float("nan")
+    ls = latent_scaling_of(cache, a, b)
     facts = [
         FeatureFacts(
             id=first_id + a + j, index=a + j, density=dens[j], n_active=int(nact[j]), max_act=mxl[j],
             mean_act=mean[j], rel_norm=rel[j] if two else nan, dec_cos=cos[j] if two else nan,
             dec_norm=dn_list[j], peak=int(peak[j]), n_top=int(n_top[j]), top_tokens=tops[j],
             diff_class=int(dcls[j]), corpus_density=c_dens[j], corpus_max=c_max[j], special_share=sp_share[j],
+            **{k: v[j] for k, v in ls.items()},
         )
         for j in range(n)
     ]

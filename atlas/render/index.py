@@ -34,6 +34,9 @@ class IndexChunk:
     - ``ts``: token chip strings used by this chunk; ``tt``: bin uint16 LE ``n × 3``: top tokens as
       indices into ``ts`` plus one (0 = none)
     - ``lb``: list of ``n`` labels (``""`` for none), or ``null`` when the site has no labels
+    - ``ne``, ``nr``: bin float32 LE latent-scaling ratios ν^ε and ν^r (``FeatureFacts.nu_err`` /
+      ``nu_rec``; NaN where undefined), or ``null`` when the site has no latent scaling
+      (``meta.latent_scaling``)
 
     Optional keys, only where the cache has the statistic (``meta.corpora`` / ``meta.has_special``):
 
@@ -46,7 +49,7 @@ class IndexChunk:
     rows: list[FeatureFacts]
     special: bool = False  # write ``sp`` (the cache has special_n_active)
 
-    def to_obj(self, strings: list[str], labels: dict[int, Label] | None) -> dict:
+    def to_obj(self, strings: list[str], labels: dict[int, Label] | None, latent_scaling: bool = False) -> dict:
         rows = self.rows
         table: dict[str, int] = {}
         tt = np.zeros((len(rows), 3), dtype=np.uint16)  # at most 3 × ROWS_PER_CHUNK strings
@@ -67,6 +70,8 @@ class IndexChunk:
             "ts": list(table),
             "tt": pack(tt.ravel(), "u2"),
             "lb": None if labels is None else [labels[f.id].label if f.id in labels else "" for f in rows],
+            "ne": pack([f.nu_err for f in rows], "f4") if latent_scaling else None,
+            "nr": pack([f.nu_rec for f in rows], "f4") if latent_scaling else None,
         }
         if rows and rows[0].corpus_density:
             obj["cd"] = pack(np.asarray([f.corpus_density for f in rows], dtype=np.float64).ravel(), "f4")
@@ -76,11 +81,12 @@ class IndexChunk:
 
 
 def index_chunk_files(facts: list[FeatureFacts], strings: list[str], labels: dict[int, Label] | None,
-                      rows_per_chunk: int = ROWS_PER_CHUNK, special: bool = False) -> dict[str, bytes]:
+                      rows_per_chunk: int = ROWS_PER_CHUNK, latent_scaling: bool = False,
+                      special: bool = False) -> dict[str, bytes]:
     """``{path in the site: bytes}`` of every index chunk (at least one, possibly empty)."""
     out = {}
     n_chunks = max(1, (len(facts) + rows_per_chunk - 1) // rows_per_chunk)
     for k in range(n_chunks):
         chunk = IndexChunk(k, facts[k * rows_per_chunk:(k + 1) * rows_per_chunk], special=special)
-        out[f"data/index/{k}.js"] = chunk_script(f"index/{k}", chunk.to_obj(strings, labels))
+        out[f"data/index/{k}.js"] = chunk_script(f"index/{k}", chunk.to_obj(strings, labels, latent_scaling))
     return out

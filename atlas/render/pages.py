@@ -76,6 +76,7 @@ class SiteInfo:
     dataset: str = ""
     n_tokens: int = 0
     rel_thresholds: tuple[float, float] = (0.3, 0.7)  # model-diff classes: A-only below, B-only above
+    latent_scaling: bool = False  # the cache has latent scaling (two sources): pages and index show ν
     corpora: list[str] = field(default_factory=list)  # names of the named corpora (Manifest.corpora)
 
 
@@ -112,6 +113,7 @@ class FeaturePage:
     payload: str  # base64 (see features.FeaturePayload)
     diff_badge: dict | None  # diff_badge(...): the model-diff class shown beside the title (S = 2)
     chrome: dict  # feature_chrome(...)
+    latent_scaling: dict | None = None  # latent_scaling_panel(...) (two sources with latent scaling)
     root: str = FEATURE_ROOT
 
     def variables(self) -> dict:
@@ -129,6 +131,20 @@ def diff_badge(diff_class: int, thresholds: tuple[float, float]) -> dict | None:
     if diff_class == DIFF_B_ONLY:
         return {"key": "b", "text": "B-only", "title": f"model-B-only: relative decoder norm r > {hi}"}
     return None
+
+
+def latent_scaling_panel(site: SiteInfo, f: FeatureFacts) -> dict | None:
+    """The latent-scaling section of a feature page: ``{own, other, nu_err, nu_rec, rows}`` with the
+    model names, the formatted ratios and per decoder direction and model the fitted β^ε and β^r
+    (``rows``: ``(decoder, model, β^ε, β^r)``); None without latent scaling or for a dead feature."""
+    if not site.latent_scaling or not f.alive or f.beta_err is None or f.beta_rec is None:
+        return None
+    names = ["A", "B"]
+    own = f.peak if f.peak in (0, 1) else 0
+    rows = [(f"{names[m]} ({site.sources[m]})", f"{names[t]} ({site.sources[t]})",
+             fmt_num(f.beta_err[m][t]), fmt_num(f.beta_rec[m][t])) for m in (own, 1 - own) for t in (0, 1)]
+    return {"own": names[own], "other": names[1 - own], "nu_err": fmt_num(f.nu_err), "nu_rec": fmt_num(f.nu_rec),
+            "rows": rows}
 
 
 def feature_page(site: SiteInfo, f: FeatureFacts, strings: list[str], label: Label | None, payload: str,
@@ -160,7 +176,7 @@ def feature_page(site: SiteInfo, f: FeatureFacts, strings: list[str], label: Lab
         next_id=f.id + 1 if f.id + 1 in page_ids else None,
         payload=Markup(payload),  # base64: nothing to escape
         diff_badge=diff_badge(f.diff_class, site.rel_thresholds) if len(site.sources) == 2 else None,
-        chrome=chrome,
+        chrome=chrome, latent_scaling=latent_scaling_panel(site, f),
     )
 
 
@@ -185,6 +201,7 @@ class IndexPage:
     has_labels: bool
     rel_a: float  # model-A-only below this relative norm
     rel_b: float  # model-B-only above
+    latent_scaling: bool = False  # ν^ε / ν^r columns and filters
     corpora: list[str] = field(default_factory=list)  # a density column and filter per named corpus
     has_special: bool = False  # a column and filter of the special-token share
     root: str = ""

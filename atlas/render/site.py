@@ -216,6 +216,7 @@ def render_site(cache_dir: Path, out: Path, *, title: str | None = None, labels:
     names = _source_names(cache)
     site = SiteInfo(title=_site_title(cache, title), has_diff=S >= 2, n_features=F, first_id=first,
                     sources=names, dataset=m.dataset, n_tokens=m.n_tokens, rel_thresholds=diff_thresholds(cache),
+                    latent_scaling=S == 2 and cache.features.ls_nu_err is not None,
                     corpora=corpus_names(cache))
     vocab = build_site_vocab(cache)
     env = make_environment()
@@ -266,8 +267,9 @@ def _write_site_files(staged: StagedSite, env, cache, site: SiteInfo, vocab, fac
     n_lab_shards, lab_files = label_shard_files(label_map, set(page_ids))
     staged.write_all(lab_files)
     has_labels = bool(label_map)
+    has_ls = site.latent_scaling
     index_files = index_chunk_files(facts_all, vocab.strings, label_map if has_labels else None,
-                                    special=cache.features.special_n_active is not None)
+                                    latent_scaling=has_ls, special=cache.features.special_n_active is not None)
     staged.write_all(index_files)
 
     meta = SiteMeta({
@@ -286,20 +288,22 @@ def _write_site_files(staged: StagedSite, env, cache, site: SiteInfo, vocab, fac
         "has_labels": has_labels,
         "has_diff": site.has_diff,
         "rel_thresholds": list(site.rel_thresholds),
+        "latent_scaling": has_ls,
     } | corpus_meta(cache))
     staged.write("data/meta.js", meta.to_bytes())
 
     description = f"{site.title}: an atlas of {F:,} features of {', '.join(names)}."
     rel_a, rel_b = site.rel_thresholds
-    index_page = IndexPage(site, description, S, has_labels, rel_a, rel_b, corpora=list(site.corpora),
-                           has_special=cache.features.special_n_active is not None)
+    index_page = IndexPage(site, description, S, has_labels, rel_a, rel_b, latent_scaling=has_ls,
+                           corpora=list(site.corpora), has_special=cache.features.special_n_active is not None)
     staged.write("index.html", env.get_template("index.html").render(index_page.variables()).encode("utf-8"))
     if site.has_diff:
         overview = OverviewPage(site, overview_charts(facts_all, names, site.rel_thresholds),
                                 overview_classes(facts_all, S))
         staged.write("diff/index.html", env.get_template("diff.html").render(overview.variables()).encode("utf-8"))
     staged.write("404.html", env.get_template("404.html").render(NotFoundPage(site).variables()).encode("utf-8"))
-    staged.write("features.csv", features_csv(facts_all, vocab.strings, label_map, S, corpora=site.corpora,
+    staged.write("features.csv", features_csv(facts_all, vocab.strings, label_map, S, latent_scaling=has_ls,
+                                              corpora=site.corpora,
                                               has_special=cache.features.special_n_active is not None))
     paths = ["index.html"] + (["diff/"] if site.has_diff else []) + [f"f/{i}/" for i in page_ids]
     staged.write_all(sitemap_files(paths, site_url))

@@ -70,18 +70,21 @@ def _g(x: float) -> str:
 
 
 def features_csv(facts: list[FeatureFacts], strings: list[str], labels: dict[int, Label], n_sources: int,
-                 corpora: list[str] = (), has_special: bool = False) -> bytes:
+                 latent_scaling: bool = False, corpora: list[str] = (), has_special: bool = False) -> bytes:
     """``features.csv``: one row per feature (read by people and spreadsheets; no JS reads it).
 
-    Columns: ``id, label, density, n_active, max_act, mean_act, [rel_norm, dec_cos,] dec_norm_<s>...,
-    peak_source, top_tokens, url``; ``top_tokens`` are token chips separated by spaces. Then, per named
-    corpus, ``density_<name>, max_act_<name>``, and ``special_share`` when the cache has it.
+    Columns: ``id, label, density, n_active, max_act, mean_act, [rel_norm, dec_cos,] [nu_err, nu_rec,]
+    dec_norm_<s>..., peak_source, top_tokens, url``; ``top_tokens`` are token chips separated by spaces;
+    ``nu_*`` (latent scaling) are empty where undefined. Then, per named corpus, ``density_<name>,
+    max_act_<name>``, and ``special_share`` when the cache has it.
     """
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     head = ["id", "label", "density", "n_active", "max_act", "mean_act"]
     if n_sources == 2:
         head += ["rel_norm", "dec_cos"]
+    if latent_scaling:
+        head += ["nu_err", "nu_rec"]
     head += [f"dec_norm_{s}" for s in range(n_sources)] + ["peak_source", "top_tokens", "url"]
     head += [f"{what}_{name}" for name in corpora for what in ("density", "max_act")]
     head += ["special_share"] if has_special else []
@@ -91,6 +94,8 @@ def features_csv(facts: list[FeatureFacts], strings: list[str], labels: dict[int
         row = [f.id, lab.label if lab else "", _g(f.density), f.n_active, _g(f.max_act), _g(f.mean_act)]
         if n_sources == 2:
             row += [_g(f.rel_norm), _g(f.dec_cos)]
+        if latent_scaling:
+            row += [_g(f.nu_err), _g(f.nu_rec)]
         row += [_g(x) for x in f.dec_norm] + [f.peak, " ".join(chip(strings[t]) for t in f.top_tokens),
                                               f"f/{f.id}/"]
         for d, mx in zip(f.corpus_density, f.corpus_max) if corpora else ():

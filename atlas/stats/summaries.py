@@ -16,6 +16,7 @@ import torch
 from .corpora import CorpusStats
 from .correlations import FeatureCorrelations, NeuronCorrelations
 from .intervals import IntervalSamples
+from .latent_scaling import LatentScaling
 from .scalars import ScalarStats
 from .slots import BatchEntries
 from .top import TopExamples
@@ -48,7 +49,8 @@ class FeatureSummaries:
 
     ``width`` = S·d (the neurons of all sources, concatenated) and ``n_sources`` enable neuron
     correlations when ``settings.n_corr_neurons > 0``; ``candidates[F, C]`` (feature indices, -1 =
-    none) enable feature correlations when ``settings.n_corr_features > 0``. ``feature_offset`` is
+    none) enable feature correlations when ``settings.n_corr_features > 0``; ``latent_scaling`` (two
+    sources) enables the latent-scaling sums (:mod:`atlas.stats.latent_scaling`). ``feature_offset`` is
     the id of the first of them in the whole dictionary (a feature slice).
 
     ``n_corpora`` is the number of named corpora (:class:`CorpusStats`; 1 for one unnamed corpus).
@@ -59,7 +61,7 @@ class FeatureSummaries:
 
     def __init__(self, n_features: int, settings, seed: int, device=None, feature_offset: int = 0,
                  width: int | None = None, n_sources: int = 1, candidates: torch.Tensor | None = None,
-                 n_corpora: int = 1):
+                 latent_scaling: bool = False, n_corpora: int = 1):
         self.settings = settings
         self.seed = seed
         self.n_sources = n_sources
@@ -76,22 +78,28 @@ class FeatureSummaries:
         self.features = None
         if candidates is not None and getattr(settings, "n_corr_features", 0) > 0:
             self.features = FeatureCorrelations(candidates, device=device)
+        self.latent = LatentScaling(n_features, n_sources, device=device) if latent_scaling else None
 
     def parts(self) -> dict:
         return {name: part for name, part in (("scalars", self.scalars), ("top", self.top),
                                                ("intervals", self.intervals), ("corpora", self.corpora),
-                                               ("neurons", self.neurons),
-                                               ("features", self.features)) if part is not None}
+                                               ("neurons", self.neurons), ("features", self.features),
+                                               ("latent", self.latent))
+                if part is not None}
 
     def update(self, acts: torch.Tensor, counted: torch.Tensor, seq_offset: int,
-               x: torch.Tensor | None = None, corpus: torch.Tensor | None = None,
+               x: torch.Tensor | None = None, scaling=None, corpus: torch.Tensor | None = None,
                special: torch.Tensor | None = None) -> None:
         """Fold a batch: ``acts[B, T, F]`` (any float dtype; values are widened to float32 where read) of
         sequences ``seq_offset + b``, ``counted[B, T]``
         (the tokens that enter the statistics) and, for neuron correlations, the sources' activations
         ``x[B, T, S, d]`` (any float dtype). ``corpus[B]``: each sequence's corpus (default: all 0);
         ``special[B, T]``: the special tokens whose activations ``special_n_active`` counts, counted or
-        not (default: none). ``acts`` is zeroed in place where not counted."""
+        not (default: none). ``acts`` is zeroed in place where not counted.
+
+        For latent scaling, ``scaling(nz_tok, nz_f, nz_vals)`` is called with the batch's active entries
+        and returns ``(h[B·T, S, d], recon[B·T, S, d], W_dec[F, S, d], coef)``: the crosscoder's inputs
+        and reconstructions, the analysed latents' decoder rows and the entries' decoder coefficients."""
         B, T, F = acts.shape
         flat = acts.view(B * T, F)
         if special is not None:
@@ -119,6 +127,11 @@ class FeatureSummaries:
             self.neurons.update(x.reshape(B * T, -1), counted, nz_tok, nz_f, nz_vals)
         if self.features is not None:
             self.features.update(flat, n_counted, nz_tok, nz_f, nz_vals)
+        if self.latent is not None:
+            if scaling is None:
+                raise ValueError("latent scaling needs the crosscoder's inputs and reconstructions")
+            h, recon, W_dec, coef = scaling(nz_tok, nz_f, nz_vals)
+            self.latent.update(nz_tok, nz_f, coef, h, recon, W_dec)
 
     def merge(self, other: "FeatureSummaries") -> "FeatureSummaries":
         """``self`` ⊕ ``other`` in place; returns self. Both must hold the same statistics."""
@@ -137,19 +150,26 @@ class FeatureSummaries:
             self.neurons = NeuronCorrelations.from_state(state["neurons"], device=self.device)
         if "features" in state and self.features is None:
             self.features = FeatureCorrelations.from_state(state["features"], device=self.device)
+        if "latent" in state and self.latent is None:
+            self.latent = LatentScaling.from_state(state["latent"], device=self.device)
         for name, part in self.parts().items():
             part.load_state_dict(state[name])
 
-    def finalize(self) -> dict:
+    def finalize(self, W_dec: torch.Tensor | None = None) -> dict:
         """numpy arrays: the activation fields of ``FeatureStats`` (with ``ncorr_*`` / ``fcorr_*`` when
-        enabled) and the fields of ``Examples`` except the ``*_next_logit`` ones; ``corpus_n_tokens`` is
-        for the manifest."""
+        enabled, and ``ls_*`` from the latents' decoder rows ``W_dec[F, S, d]`` with latent scaling) and
+        the fields of ``Examples`` except the ``*_next_logit`` ones; ``corpus_n_tokens`` is for the
+        manifest."""
         out = (self.scalars.finalize() | self.top.finalize() | self.intervals.finalize()
                | self.corpora.finalize())
         if self.neurons is not None:
             out |= self.neurons.finalize(self.settings.n_corr_neurons)
         if self.features is not None:
             out |= self.features.finalize(self.settings.n_corr_features)
+        if self.latent is not None:
+            if W_dec is None:
+                raise ValueError("latent scaling needs the latents' decoder rows to finish")
+            out |= self.latent.finalize(W_dec)
         return out
 
 

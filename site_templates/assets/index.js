@@ -10,7 +10,8 @@
  * activations on special tokens (chunk key sp) and a filter on its maximum.
  *
  * State lives in the URL hash, e.g. #rel=0.40-0.45&cos=0.90-1.00&peak=3&dens=1e-5-1e-3&cls=shared
- * &alive=alive&q=the&sort=-density (a bin "lo-hi" keeps lo <= x < hi, and x = hi for the last bin),
+ * &alive=alive&q=the&sort=-density (a bin "lo-hi" keeps lo <= x < hi, and x = hi for the last bin);
+ * with latent scaling (meta.latent_scaling) also nue=MAX and nur=MAX (at most this ν^ε / ν^r);
  * &cdens=python:1e-3-1 (density on the corpus "python" from 1e-3 to 1), &smax=0.5 (at most half of the
  * activations on special tokens).
  */
@@ -22,7 +23,7 @@
   var heads = Array.prototype.slice.call(doc.querySelectorAll("#table thead th[data-key]"));
   var ctl = {
     dmin: doc.getElementById("f-dmin"), dmax: doc.getElementById("f-dmax"), cls: doc.getElementById("f-cls"),
-    alive: doc.getElementById("f-alive"), bins: doc.getElementById("f-bins"), reset: doc.getElementById("f-reset"),
+    alive: doc.getElementById("f-alive"), nue: doc.getElementById("f-nue"), nur: doc.getElementById("f-nur"), bins: doc.getElementById("f-bins"), reset: doc.getElementById("f-reset"),
     corpus: doc.getElementById("f-corpus"), cmin: doc.getElementById("f-cmin"), cmax: doc.getElementById("f-cmax"),
     smax: doc.getElementById("f-smax"),
   };
@@ -36,7 +37,7 @@
 
   function emptyState() {
     return { sort: "id", desc: false, dmin: null, dmax: null, cls: "", alive: "", rel: null, cos: null, peak: null, q: "",
-      corpus: CORPORA.length ? CORPORA[0] : "", cmin: null, cmax: null, smax: null };
+      nue: null, nur: null, corpus: CORPORA.length ? CORPORA[0] : "", cmin: null, cmax: null, smax: null };
   }
 
   function parseRange(s) {
@@ -59,6 +60,7 @@
     var peak = p.get("peak");
     st.peak = peak !== null && peak !== "" && isFinite(+peak) ? +peak : null;
     st.q = p.get("q") || new URLSearchParams(location.search).get("q") || "";
+    ["nue", "nur"].forEach(function (k) { var v = p.get(k); st[k] = v !== null && v !== "" && isFinite(+v) ? +v : null; });
     var cd = /^(.*):(.*)$/.exec(p.get("cdens") || ""), cr = cd ? parseRange(cd[2]) : null;
     if (cd && cr && CORPORA.indexOf(cd[1]) >= 0) { st.corpus = cd[1]; st.cmin = cr[0]; st.cmax = cr[1]; }
     var smax = p.get("smax");
@@ -74,6 +76,8 @@
     if (state.dmin !== null || state.dmax !== null) p.set("dens", (state.dmin === null ? 0 : state.dmin) + "-" + (state.dmax === null ? 1 : state.dmax));
     if (state.cls) p.set("cls", state.cls);
     if (state.alive) p.set("alive", state.alive);
+    if (state.nue !== null) p.set("nue", String(state.nue));
+    if (state.nur !== null) p.set("nur", String(state.nur));
     if (state.cmin !== null || state.cmax !== null) p.set("cdens", state.corpus + ":" + (state.cmin === null ? 0 : state.cmin) + "-" + (state.cmax === null ? 1 : state.cmax));
     if (state.smax !== null) p.set("smax", String(state.smax));
     if (state.sort !== "id" || state.desc) p.set("sort", (state.desc ? "-" : "") + state.sort);
@@ -86,6 +90,8 @@
     ctl.dmax.value = state.dmax === null ? "" : String(state.dmax);
     if (ctl.cls) ctl.cls.value = state.cls;
     ctl.alive.value = state.alive;
+    if (ctl.nue) ctl.nue.value = state.nue === null ? "" : String(state.nue);
+    if (ctl.nur) ctl.nur.value = state.nur === null ? "" : String(state.nur);
     if (ctl.corpus) {
       ctl.corpus.value = state.corpus;
       ctl.cmin.value = state.cmin === null ? "" : String(state.cmin);
@@ -122,6 +128,7 @@
         id: new Int32Array(N), density: new Float32Array(N), max: new Float32Array(N), rel: new Float32Array(N),
         cos: new Float32Array(N), peak: new Uint16Array(N), cls: new Int8Array(N), tokens: new Array(N),
         label: M.has_labels ? new Array(N) : null, special: new Float32Array(N).fill(NaN),
+        nue: M.latent_scaling ? new Float32Array(N) : null, nur: M.latent_scaling ? new Float32Array(N) : null,
       };
       var C = CORPORA.length;
       for (var j = 0; j < C; j++) c["cd" + j] = new Float32Array(N);
@@ -129,6 +136,7 @@
       chunks.forEach(function (ch) {
         var d = A.f32(ch.d), m = A.f32(ch.m), rel = A.f32(ch.r), cos = A.f32(ch.c), pk = A.u16(ch.p), tt = A.u16(ch.tt);
         var dc = A.i8(ch.dc), cd = C && ch.cd ? A.f32(ch.cd) : null, sp = ch.sp ? A.f32(ch.sp) : null;
+        var ne = c.nue && ch.ne ? A.f32(ch.ne) : null, nr = c.nur && ch.nr ? A.f32(ch.nr) : null;
         for (var i = 0; i < ch.n; i++, r++) {
           if (cd) for (var q = 0; q < C; q++) c["cd" + q][r] = cd[i * C + q];
           if (sp) c.special[r] = sp[i];
@@ -139,6 +147,7 @@
           for (var j = 0; j < 3; j++) { var t = tt[i * 3 + j]; if (t) toks.push(ch.ts[t - 1]); }
           c.tokens[r] = toks;
           if (c.label) c.label[r] = ch.lb ? ch.lb[i] : "";
+          if (c.nue) { c.nue[r] = ne ? ne[i] : NaN; c.nur[r] = nr ? nr[i] : NaN; }
         }
       });
       return c;
@@ -168,6 +177,8 @@
       if (state.rel && !(d > 0 && inBin(r, state.rel))) continue;
       if (state.cos && !(d > 0 && inBin(col.cos[i], state.cos))) continue;
       if (state.peak !== null && !(d > 0 && col.peak[i] === state.peak)) continue;
+      if (state.nue !== null && !(col.nue && col.nue[i] <= state.nue)) continue;
+      if (state.nur !== null && !(col.nur && col.nur[i] <= state.nur)) continue;
       if (cdens) {
         var cv = cdens[i];
         if (state.cmin !== null && !(cv >= state.cmin)) continue;
@@ -226,6 +237,7 @@
       if (k >= 0 && k <= 2) rc.className += " " + CLS_KEY[k];
       cell(tr, "num", A.fmt(col.cos[i], 2));
     }
+    if (col.nue) { cell(tr, "num", A.fmt(col.nue[i], 2)); cell(tr, "num", A.fmt(col.nur[i], 2)); }
     if (M.sources.length > 2) cell(tr, "num", col.density[i] > 0 ? String(col.peak[i]) : "\u2013");
     for (var q = 0; q < CORPORA.length; q++) cell(tr, "num", A.pct(col["cd" + q][i]));
     if (M.has_special) cell(tr, "num", A.pct(col.special[i]));
@@ -281,6 +293,8 @@
   ctl.dmax.addEventListener("change", function () { state.dmax = num(ctl.dmax); update(); });
   if (ctl.cls) ctl.cls.addEventListener("change", function () { state.cls = ctl.cls.value; update(); });
   ctl.alive.addEventListener("change", function () { state.alive = ctl.alive.value; update(); });
+  if (ctl.nue) ctl.nue.addEventListener("change", function () { state.nue = num(ctl.nue); update(); });
+  if (ctl.nur) ctl.nur.addEventListener("change", function () { state.nur = num(ctl.nur); update(); });
   if (ctl.corpus) {
     ctl.corpus.addEventListener("change", function () { state.corpus = ctl.corpus.value; update(); });
     ctl.cmin.addEventListener("change", function () { state.cmin = num(ctl.cmin); update(); });
