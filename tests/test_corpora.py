@@ -238,3 +238,19 @@ def test_demo_corpora_keep_the_documents_of_the_two_sources():
         with open(DEMO_CORPORA[name], encoding="utf-8") as f:
             docs = [json.loads(line) for line in f]
         assert docs and {d["source"] for d in docs} == {source}
+
+
+def test_a_shard_without_corpus_summaries_is_refused_by_name(diff_setup, special_tokens, tmp_path, capsys):
+    """A shard written before the per-corpus statistics existed: merging names the shard and the fix."""
+    from atlas.merge import SUMMARIES_FILE, merge_folders
+
+    cc, models, _ = diff_setup
+    for k in range(2):
+        run_analysis(cc, models, special_tokens, OPTIONS, tmp_path / f"shard-{k}", CPU, torch.float32, shard=(k, 2))
+    path = tmp_path / "shard-1" / SUMMARIES_FILE
+    state = torch.load(path, weights_only=True)
+    del state["summaries"]["corpora"]
+    torch.save(state, path)
+    with pytest.raises(AtlasError, match=r"shard-1 lacks the summary 'corpora'.*--shard 1/2"):
+        merge_folders([tmp_path / "shard-0", tmp_path / "shard-1"], tmp_path / "merged", device="cpu")
+    capsys.readouterr()
