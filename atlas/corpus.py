@@ -196,7 +196,8 @@ def parse_datasets(values: list[str] | None) -> list[tuple[str, str]]:
         name, path = m.group(1).strip(), m.group(2).strip()
         if not CORPUS_NAME.fullmatch(name):
             raise AtlasError(f"--dataset {value!r}: the corpus name {name!r} must be 1-32 letters, digits, '_', "
-                             "'.' or '-' starting with a letter or digit: pass e.g. --dataset web=web.jsonl")
+                             "'.' or '-' starting with a letter or digit: pass --dataset NAME=PATH with such a name, "
+                             "e.g. --dataset web=web.jsonl")
         if not path:
             raise AtlasError(f"--dataset {value!r} names no corpus file: pass --dataset {name}=PATH")
         parsed.append((name, path))
@@ -210,7 +211,8 @@ def parse_datasets(values: list[str] | None) -> list[tuple[str, str]]:
     seen = set()
     for name in named:
         if name in seen:
-            raise AtlasError(f"--dataset names the corpus {name!r} twice: give each corpus its own name")
+            raise AtlasError(f"--dataset names the corpus {name!r} twice: give each corpus its own name "
+                             "(--dataset NAME=PATH)")
         seen.add(name)
     return parsed
 
