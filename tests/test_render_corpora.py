@@ -94,6 +94,8 @@ def test_meta_index_chunk_and_csv_carry_the_columns(world):
     index = (world["site"] / "index.html").read_text("utf-8")
     assert 'data-key="cd0"' in index and 'data-key="cd1"' in index and 'data-key="special"' in index
     assert '<option value="chat">chat</option>' in index
+    n_web, n_chat = (c["n_tokens"] for c in cache.manifest.corpora)
+    assert f'(<span class="corpus">web</span> {n_web:,}, <span class="corpus">chat</span> {n_chat:,})' in index
 
 
 def test_a_cache_without_corpora_shows_none_of_it(tmp_path):

@@ -204,6 +204,7 @@ class IndexPage:
     latent_scaling: bool = False  # ν^ε / ν^r columns and filters
     corpora: list[str] = field(default_factory=list)  # a density column and filter per named corpus
     has_special: bool = False  # a column and filter of the special-token share
+    corpus_tokens: list = field(default_factory=list)  # (name, counted tokens) per named corpus, in the summary
     root: str = ""
     page_scripts: tuple[str, ...] = ("index.js",)
 

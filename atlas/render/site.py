@@ -295,7 +295,9 @@ def _write_site_files(staged: StagedSite, env, cache, site: SiteInfo, vocab, fac
     description = f"{site.title}: an atlas of {F:,} features of {', '.join(names)}."
     rel_a, rel_b = site.rel_thresholds
     index_page = IndexPage(site, description, S, has_labels, rel_a, rel_b, latent_scaling=has_ls,
-                           corpora=list(site.corpora), has_special=cache.features.special_n_active is not None)
+                           corpora=list(site.corpora), has_special=cache.features.special_n_active is not None,
+                           corpus_tokens=[(c["name"], int(c.get("n_tokens", 0)))
+                                          for c in (m.corpora if site.corpora else [])])
     staged.write("index.html", env.get_template("index.html").render(index_page.variables()).encode("utf-8"))
     if site.has_diff:
         overview = OverviewPage(site, overview_charts(facts_all, names, site.rel_thresholds),
