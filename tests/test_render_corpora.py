@@ -158,6 +158,12 @@ def test_index_sorts_and_filters_by_corpus_density_and_special_share(world, brow
         assert 0 < len(want) < N_FEATURES and sorted(ids()) == want
         assert "smax=0.2" in page.url
 
+        page.goto(base_url(server, "f/0/index.html"))  # the page's rows, with a clean console
+        page.wait_for_selector("html[data-ready]", timeout=10_000)
+        facts = dict(zip(page.locator("dl.facts dt").all_inner_texts(), page.locator("dl.facts dd").all_inner_texts()))
+        assert facts["On chat"] == f"{fmt_pct(dens[0, 1])} density · max {fmt_num(fs.corpus_max_act[0, 1])}"
+        assert facts["On special tokens"] == f"{fmt_pct(share[0])} of activations"
+
         page.goto(base_url(server, "index.html#cdens=web:0-0.001"))  # state from a shared link
         page.wait_for_selector("html[data-ready]", timeout=10_000)
         assert page.locator("#f-corpus").input_value() == "web"
