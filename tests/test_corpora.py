@@ -218,6 +218,13 @@ def test_shards_and_resume_give_the_same_corpus_statistics(diff_setup, special_t
     np.testing.assert_array_equal(resumed.corpus_ids, whole.corpus_ids)
 
 
+def test_corpora_that_do_not_cover_the_sequences_are_refused(diff_setup, tmp_path):
+    cc, models, tokens = diff_setup
+    options = dataclasses.replace(OPTIONS, corpora=(CORPORA[0],))
+    with pytest.raises(AtlasError, match="hold 10 sequences but 22"):
+        run_analysis(cc, models, tokens, options, tmp_path, CPU, torch.float32)
+
+
 def test_corpus_names_and_sizes_are_part_of_the_fingerprint(diff_setup):
     from atlas.analyze import inputs_fingerprint
     from atlas.cache import Settings
