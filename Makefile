@@ -57,7 +57,8 @@ $(STAMP_TEST): pyproject.toml $(STAMP_TORCH)
 
 install: $(STAMP_TEST)
 
-# All features of the demo crosscoder (-n 0); its corpus joins documents with chat-template markers,
+# All features of the demo crosscoder (-n 0) over 800 sequences of its two corpora (english, python),
+# 101k tokens; each corpus joins documents with chat-template markers,
 # which --exclude-special keeps out of the statistics.
 demo: $(STAMP_DEMO)
 	$(BIN)/atlas build -o $(SITE) -n 0 --exclude-special

@@ -69,6 +69,9 @@ class AnalysisOptions:
     exclude_special: bool = False  # also leave out every special token (EOS, pad, chat-template markers)
     seed: int = 0
     dataset: str = ""
+    # named corpora, in the order of their sequences: {"name", "path", "n_sequences"} each (see
+    # atlas.corpus.CorpusSplit); empty for one unnamed corpus
+    corpora: tuple = ()
     n_intervals: int = 10
     interval_k: int = 5
     window_before: int = 23
@@ -240,7 +243,9 @@ def inputs_fingerprint(crosscoder, sources, tokens: torch.Tensor, options: Analy
         "k": crosscoder.k, "sources": [[s.model, s.site] for s in sources],
         "options": {k: v for k, v in dataclasses.asdict(options).items()
                     if k not in ("progress", "reuse", "save_every", "dataset", "n_features", "features",
-                                 "latent_scaling")},  # latent scaling: as resolved, in the settings
+                                 "latent_scaling", "corpora")},  # latent scaling: as resolved, in the settings
+        # which corpus each sequence came from (not where its file lies)
+        "corpora": [[c["name"], int(c["n_sequences"])] for c in options.corpora],
         "settings": dataclasses.asdict(settings), "dtype": str(dtype),
     }
     h.update(json.dumps(meta, sort_keys=True).encode())
@@ -250,6 +255,16 @@ def inputs_fingerprint(crosscoder, sources, tokens: torch.Tensor, options: Analy
 def fingerprint(inputs_fp: str, first: int, stop: int, among: int) -> str:
     """Hash of the inputs and the features: ``first..stop-1``, neighbours searched among ``0..among-1``."""
     return hashlib.blake2b(f"{inputs_fp}:{first}:{stop}:{among}".encode(), digest_size=16).hexdigest()
+
+
+def special_mask(tokens: torch.Tensor, bos_token_id: int | None, exclude_bos: bool,
+                 special_ids: set[int] | frozenset) -> torch.Tensor:
+    """``[N, T]`` bool: the special tokens whose activations ``special_n_active`` counts: those with an id in
+    ``special_ids``, but a BOS that the statistics leave out (``exclude_bos``)."""
+    if not special_ids:
+        return torch.zeros_like(tokens, dtype=torch.bool)
+    special = torch.isin(tokens, torch.tensor(sorted(special_ids), dtype=tokens.dtype))
+    return special & counted_mask(tokens, bos_token_id, exclude_bos)
 
 
 def counted_mask(tokens: torch.Tensor, bos_token_id: int | None, exclude_bos: bool,
@@ -362,6 +377,13 @@ class Plan:
     _local_neighbours: dict | None = None
 
     @property
+    def corpus_ids(self) -> torch.Tensor:
+        """``int64[N]``: each sequence's corpus (index into ``options.corpora``; all 0 without names)."""
+        from .corpus import corpus_ids
+
+        return torch.from_numpy(corpus_ids(list(self.options.corpora), self.tokens.shape[0]).astype("int64"))
+
+    @property
     def n_features(self) -> int:
         return self.stop - self.first
 
@@ -401,7 +423,8 @@ class Plan:
         return FeatureSummaries(self.n_features, self.settings, self.options.seed, device=self.device,
                                 feature_offset=self.first, width=cc.n_sources * cc.d_model,
                                 n_sources=cc.n_sources, candidates=candidates,
-                                latent_scaling=bool(getattr(st, "latent_scaling", False)))
+                                latent_scaling=bool(getattr(st, "latent_scaling", False)),
+                                n_corpora=max(1, len(self.options.corpora)))
 
     def state_path(self, cache_dir: Path) -> Path:
         name = STATE_FILE if self.comm is None else f"summaries.rank{self.comm.rank}-of-{self.comm.world}.pt"
@@ -461,6 +484,9 @@ def prepare(crosscoder, models, tokens: torch.Tensor, options: AnalysisOptions, 
     check_counts(options.top_k, options.n_corr_features, options.corr_candidates)
     tokens = torch.as_tensor(tokens, dtype=torch.long).cpu()
     N, T = tokens.shape
+    if options.corpora and sum(int(c["n_sequences"]) for c in options.corpora) != N:
+        raise AtlasError(f"the named corpora hold {sum(int(c['n_sequences']) for c in options.corpora)} sequences "
+                         f"but {N} were given: load the sequences with atlas.corpus.load_corpora and pass its corpora")
     settings = cache_format.Settings(
         top_k=options.top_k, n_intervals=options.n_intervals, interval_k=options.interval_k,
         window_before=options.window_before, window_after=options.window_after, logit_k=options.logit_k,
@@ -676,6 +702,8 @@ def _fold(plan: Plan, summaries, stream, encode, state_path: Path, estimates: tu
                unit_scale=True, desc="analysing", disable=not (plan.options.progress and plan.lead),
                file=sys.stderr, dynamic_ncols=True)
     since_save, done = 0, first_batch
+    corpus_of = plan.corpus_ids
+    special_ids = plan.models.special_ids
     recon = None
     if summaries.latent is not None:
         recon = ReconstructionInputs(encode, dataclasses.replace(plan.crosscoder, input_scale=estimates[0],
@@ -694,9 +722,12 @@ def _fold(plan: Plan, summaries, stream, encode, state_path: Path, estimates: tu
             counted = counted_mask(plan.tokens[lo:hi], plan.models.bos_token_id, plan.options.exclude_bos,
                                    plan.models.special_ids if plan.options.exclude_special else ()
                                    ).to(acts.device)
+            special = special_mask(plan.tokens[lo:hi], plan.models.bos_token_id, plan.options.exclude_bos,
+                                   special_ids)
             done = None  # the summaries are mid-update until the batch is folded in
             scaling = recon.for_batch(x, counted) if recon is not None else None
-            summaries.update(acts, counted, seq_offset=lo, x=x, scaling=scaling)
+            summaries.update(acts, counted, seq_offset=lo, x=x, scaling=scaling,
+                             corpus=corpus_of[lo:hi].to(acts.device), special=special)
             done = b_idx + 1
             del acts, x, scaling
             bar.update((hi - lo) * T)
@@ -801,6 +832,7 @@ def make_manifest(plan: Plan, input_scale, threshold, widths, n_tokens: int) -> 
             "neighbours_among": plan.among,
         } | batchtopk,
         dataset=plan.options.dataset, feature_offset=plan.first,
+        corpora=[dict(c) for c in plan.options.corpora],
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -824,12 +856,23 @@ def assemble(summaries, inputs: FinishInputs, manifest, tokens, logit_hist_bins:
     logits = logit_effects(W_dec, inputs.unembeddings, settings.logit_k, logit_hist_bins, windows=windows,
                            tokens=tokens, window_before=settings.window_before)
     arrays |= {name: logits.pop(name) for name in windows}
+    corpus_ids = None
+    corpus_tokens = arrays.pop("corpus_n_tokens")
+    if manifest.corpora:  # named corpora: per-corpus statistics and the sequences' corpus index
+        from .corpus import corpus_ids as ids_of
+
+        for c, n in zip(manifest.corpora, corpus_tokens.tolist()):
+            c["n_tokens"] = int(n)
+        corpus_ids = ids_of(manifest.corpora, np.asarray(tokens).shape[0])
+    else:
+        arrays.pop("corpus_n_active", None)
+        arrays.pop("corpus_max_act", None)
     feature_stats = _fill(cache_format.FeatureStats, arrays | geometry)
     examples = _fill(cache_format.Examples, arrays)
     manifest.n_tokens = int(summaries.scalars.n_tokens)
     return cache_format.Cache(manifest=manifest, vocab=list(inputs.vocab), tokens=np.asarray(tokens),
                               features=feature_stats, examples=examples,
-                              logits=cache_format.LogitEffects(**logits))
+                              logits=cache_format.LogitEffects(**logits), corpus_ids=corpus_ids)
 
 
 def _fill(cls, arrays: dict):

@@ -15,7 +15,8 @@ from .errors import AtlasError, os_error
 from .lifetimes import frozen, paused
 
 # what a folder that already holds an analysis cache (complete or interrupted) contains
-_CACHE_ENTRIES = ("manifest.json", "state", "vocab.json", "tokens.npy", "features.npz", "examples.npz", "logits.npz")
+_CACHE_ENTRIES = ("manifest.json", "state", "vocab.json", "tokens.npy", "features.npz", "examples.npz", "logits.npz",
+                  "corpus_ids.npy")
 
 
 def _cache_dir_for(args) -> Path:
@@ -72,6 +73,27 @@ def check_features_alive(cache_dir: Path, manifest) -> None:
         )
 
 
+DEFAULT_N_SAMPLES = 100
+
+
+def n_samples_of(args) -> int:
+    """``-s/--n-samples``, or its default: 100, or ``DEMO_N_SAMPLES`` for the demo (no checkpoint argument)."""
+    if getattr(args, "n_samples", None) is not None:
+        return args.n_samples
+    if getattr(args, "checkpoint", None) is None:
+        from .demo import DEMO_N_SAMPLES
+
+        return DEMO_N_SAMPLES
+    return DEFAULT_N_SAMPLES
+
+
+def dataset_label(datasets: list[str] | None) -> str:
+    """``Manifest.dataset``: the ``--dataset`` values as given, or the demo's corpora."""
+    if not datasets:
+        return "demo corpora (english, python)"
+    return ", ".join(datasets)
+
+
 def analyze_command(args, cache_dir: Path | None = None):
     """Load the checkpoint, the models and the corpus; analyse; write the cache. Returns its Manifest."""
     with paused():  # torch and the analysis modules (atlas.lifetimes)
@@ -83,6 +105,9 @@ def analyze_command(args, cache_dir: Path | None = None):
     # bad option values fail before any model is loaded
     shared_range = parse_shared_range(args.shared_range)
     check_counts(args.top_k, args.corr_features, args.corr_candidates)
+    from .corpus import parse_datasets
+
+    parse_datasets(args.dataset)
     shard = parse_shard(args.shard) if getattr(args, "shard", None) is not None else None
     if shard is not None:
         from .merge import check_shard_folder
@@ -100,7 +125,7 @@ def analyze_command(args, cache_dir: Path | None = None):
 def _analyze(args, cache_dir: Path, comm, device_arg, features, shard, shared_range):
     from .analyze import AnalysisOptions, default_batch_size, run_analysis
     from .checkpoints import load_checkpoint
-    from .corpus import load_corpus
+    from .corpus import load_corpora
     from .models import load_models, pick_device
 
     if shard is None:
@@ -114,8 +139,9 @@ def _analyze(args, cache_dir: Path, comm, device_arg, features, shard, shared_ra
         crosscoder = load_checkpoint(args.checkpoint, models=args.model, hook_point=args.hook_point,
                                      scale=args.scale)
         models = load_models(crosscoder.sources, device=device, dtype=dtype, remote=args.remote)
-        tokens = load_corpus(args.dataset, models.tokenizer, n_sequences=args.n_samples,
+        split = load_corpora(args.dataset, models.tokenizer, n_sequences=n_samples_of(args),
                              seq_len=args.seq_len, text_column=args.text_column, seed=args.seed)
+        tokens = split.tokens
 
     # validate
     models.check_compatible(crosscoder)
@@ -137,7 +163,8 @@ def _analyze(args, cache_dir: Path, comm, device_arg, features, shard, shared_ra
         corr_candidates=args.corr_candidates,
         diff_shared=shared_range,
         seed=args.seed,
-        dataset=args.dataset or "demo corpus",
+        dataset=dataset_label(args.dataset),
+        corpora=tuple(split.corpora),
         save_every=args.save_every,
         features=features,
     )

@@ -11,6 +11,8 @@ Layout of a cache folder (``atlas-data/`` by default)::
       examples.npz    Examples       top activating examples and interval samples with their windows
                                      (and each window token's effect on the next token's logit)
       logits.npz      LogitEffects   top/bottom tokens of each feature's direct logit effect per source
+      corpus_ids.npy  int16[N]       optional: per sequence of tokens.npy the index of its corpus in
+                                     ``Manifest.corpora`` (written when the corpora are named)
 
 Writers: :mod:`atlas.analyze`. Readers: :mod:`atlas.render` (which imports numpy, never torch) and the
 tests. Every file is written to a temporary name and renamed into place, so a reader sees either the old
@@ -154,6 +156,10 @@ class Manifest:
     dataset: str = ""
     title: str = ""
     feature_offset: int = 0  # id of the first feature in this cache (feature slices)
+    # Named corpora (``--dataset NAME=PATH``), in the order their sequences follow each other in
+    # tokens.npy: ``{"name", "path", "n_sequences", "n_tokens"}`` each, n_tokens counting the corpus's
+    # tokens that enter the statistics. Empty for one unnamed corpus (and in older caches).
+    corpora: list = field(default_factory=list)
     complete: bool = False
     created: str = ""
     format_version: int = FORMAT_VERSION
@@ -207,6 +213,16 @@ class FeatureStats:
       -1 = none) and ``fcorr_val[F, C]`` (float32, NaN = none). The candidates are searched among the
       analysed features only (their activations are the ones at hand): for a ``--features A:B``
       slice, among A..B-1
+    - named corpora (``Manifest.corpora``, C of them; absent otherwise): ``corpus_n_active[F, C]``
+      (int64, tokens of corpus c where the feature is > 0, among that corpus's counted tokens) and
+      ``corpus_max_act[F, C]`` (float32, 0 if never active there); the density on corpus c is
+      ``corpus_n_active[f, c] / Manifest.corpora[c]["n_tokens"]``
+    - ``special_n_active[F]`` (int64): tokens where the feature is > 0 among the special tokens of the
+      tokenizer (BOS, EOS, padding, chat-template markers), counted whether or not ``--exclude-special``
+      leaves them out of the other statistics; a BOS left out of the statistics (the default) is left
+      out here too. The share of the feature's activations on special tokens is
+      ``special_n_active / (n_active + special_n_active)`` when ``Settings.exclude_special`` (n_active then
+      counts no special token), else ``special_n_active / n_active`` (:func:`special_share`)
     - latent scaling (``Settings.latent_scaling``; two sources, S = 2; :mod:`atlas.stats.latent_scaling`
       defines it): ``ls_beta_err[F, 2, 2]`` and ``ls_beta_rec[F, 2, 2]`` (float32), the β fitted along
       the decoder of source m (axis 1) to model t's reconstruction error with the latent's own
@@ -239,6 +255,19 @@ class FeatureStats:
     ls_beta_rec: np.ndarray | None = None
     ls_nu_err: np.ndarray | None = None
     ls_nu_rec: np.ndarray | None = None
+    corpus_n_active: np.ndarray | None = None
+    corpus_max_act: np.ndarray | None = None
+    special_n_active: np.ndarray | None = None
+
+
+def special_share(n_active, special_n_active, exclude_special: bool) -> np.ndarray:
+    """Share of a feature's activations (act > 0, at the tokens the statistics could count: all but an
+    excluded BOS) that fall on special tokens, per feature; NaN where it was never active."""
+    n = np.asarray(n_active, dtype=np.float64)
+    sp = np.asarray(special_n_active, dtype=np.float64)
+    total = n + sp if exclude_special else n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, sp / np.where(total > 0, total, 1), np.nan)
 
 
 @dataclass
@@ -313,6 +342,7 @@ class Cache:
     features: FeatureStats
     examples: Examples
     logits: LogitEffects
+    corpus_ids: np.ndarray | None = None  # corpus_ids.npy (named corpora only)
 
 
 FILES = ("vocab.json", "tokens.npy", "features.npz", "examples.npz", "logits.npz")
@@ -324,7 +354,7 @@ def write_cache(folder: Path, cache: Cache) -> None:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("manifest.json",) + FILES:  # temporary files of a writer that was killed
+    for name in ("manifest.json", "corpus_ids.npy") + FILES:  # temporary files of a writer that was killed
         for stale in folder.glob(f".{name}.*.tmp"):
             stale.unlink(missing_ok=True)
     atomic_write_json(folder / "vocab.json", list(cache.vocab))
@@ -334,11 +364,18 @@ def write_cache(folder: Path, cache: Cache) -> None:
     _save_npz(folder / "features.npz", _arrays_of(cache.features))
     _save_npz(folder / "examples.npz", _arrays_of(cache.examples))
     _save_npz(folder / "logits.npz", _arrays_of(cache.logits))
+    if cache.corpus_ids is not None:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(cache.corpus_ids, dtype=np.int16))
+        atomic_write_bytes(folder / "corpus_ids.npy", buf.getvalue())
+    else:
+        (folder / "corpus_ids.npy").unlink(missing_ok=True)
     cache.manifest.complete = True
     atomic_write_json(folder / "manifest.json", cache.manifest.to_json())
 
 
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,),
+          "list": (list,)}
 
 
 def _check_fields(obj, where: str) -> None:
@@ -410,4 +447,5 @@ def read_cache(folder: Path) -> Cache:
         features=_read(folder / "features.npz", lambda p: _load_npz(FeatureStats, p)),
         examples=_read(folder / "examples.npz", lambda p: _load_npz(Examples, p)),
         logits=_read(folder / "logits.npz", lambda p: _load_npz(LogitEffects, p)),
+        corpus_ids=_read(folder / "corpus_ids.npy", _load_tokens) if (folder / "corpus_ids.npy").exists() else None,
     )

@@ -52,16 +52,20 @@ def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
 def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--n-features", type=int, default=50, metavar="N",
                    help="number of features to analyse and show, from the first (default: 50; 0 = all)")
-    p.add_argument("-s", "--n-samples", type=int, default=100, metavar="N",
-                   help="number of text sequences of the corpus to run through the models (default: 100)")
+    p.add_argument("-s", "--n-samples", type=int, default=None, metavar="N",
+                   help="number of text sequences of the corpus to run through the models, shared equally among "
+                   "the named corpora of --dataset (default: 100; 800 for the demo, i.e. without a checkpoint "
+                   "argument)")
     p.add_argument("--seq-len", type=int, default=128, metavar="L",
                    help="tokens per sequence (default: 128)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
                    help="sequences per forward pass (default: 16 on a CPU; on a GPU as many as make about 32k "
                    "tokens, fewer where the batch's [tokens × features] activations would pass 4 GiB)")
-    p.add_argument("--dataset", default=None, metavar="PATH_OR_NAME",
+    p.add_argument("--dataset", action="append", default=None, metavar="[NAME=]PATH",
                    help="corpus: a .txt/.jsonl/.json/.parquet/.csv file or a folder of them, or a "
-                   "Hugging Face dataset name when the hub is reachable (default: the bundled demo corpus)")
+                   "Hugging Face dataset name when the hub is reachable; repeat it as NAME=PATH to analyse "
+                   "named corpora (e.g. --dataset web=a.jsonl --dataset chat=b.jsonl), each feature's density "
+                   "and max then shown per corpus (default: the demo's two corpora, english and python)")
     p.add_argument("--text-column", default="text", metavar="NAME",
                    help="column holding the text in tabular datasets (default: text)")
     p.add_argument("--device", default=None,

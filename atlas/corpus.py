@@ -19,13 +19,24 @@ How sequences are made (deterministic for a given corpus, tokenizer and seed):
 3. The stream is cut into consecutive pieces of ``seq_len - 1`` tokens, each prefixed with BOS (or of
    ``seq_len`` tokens without a prefix when the tokenizer has no BOS). Reading stops as soon as
    ``n_sequences`` sequences are full; an incomplete last piece is dropped.
+
+Named corpora (``--dataset NAME=PATH``, repeatable; :func:`parse_datasets`, :func:`load_corpora`): the
+``n_sequences`` are shared equally among the corpora (``n // C`` each, the first ``n % C`` corpora one
+more), each corpus is cut into sequences as above on its own, and the sequences are concatenated in
+corpus order. :class:`CorpusSplit` records which corpus each sequence came from (the cache's
+``corpus_ids.npy`` and ``Manifest.corpora``). A plain ``--dataset PATH`` is one unnamed corpus, as before;
+no ``--dataset`` means the demo's two corpora (``english`` and ``python``).
 """
 
 from __future__ import annotations
 
 import random
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 import torch
 
@@ -183,13 +194,9 @@ def _batched(it, n):
         yield batch
 
 
-def load_corpus(dataset: str | None, tokenizer, n_sequences: int, seq_len: int, text_column: str = "text",
+def load_corpus(dataset: str, tokenizer, n_sequences: int, seq_len: int, text_column: str = "text",
                 seed: int = 0) -> torch.LongTensor:
     """``[N, seq_len]`` token ids cut from the corpus (see the module docstring); N ≤ ``n_sequences``."""
-    if dataset is None:
-        from .demo import DEMO_CORPUS
-
-        dataset = str(DEMO_CORPUS)
     if n_sequences < 1:
         raise AtlasError(f"--n-samples must be at least 1 (got {n_sequences})")
     bos = tokenizer.bos_token_id
@@ -223,3 +230,95 @@ def load_corpus(dataset: str | None, tokenizer, n_sequences: int, seq_len: int, 
     if bos is not None:
         rows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), rows], dim=1)
     return rows
+
+
+CORPUS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+_NAMED = re.compile(r"([^=/\\]*)=(.*)", re.S)  # NAME=PATH: an "=" before any path separator
+
+
+def parse_datasets(values: list[str] | None) -> list[tuple[str, str]]:
+    """``--dataset`` values → ``[(name, path)]``: ``NAME=PATH`` values, or one plain ``PATH`` (name ``""``);
+    none given → the demo's corpora. Raises AtlasError for a mix of named and unnamed values, duplicate
+    names, several unnamed values, or a name with other characters than letters, digits, ``_ . -``."""
+    if not values:
+        from .demo import DEMO_CORPORA
+
+        return [(name, str(path)) for name, path in DEMO_CORPORA.items()]
+    parsed = []
+    for value in values:
+        m = _NAMED.fullmatch(value)
+        if m is None:
+            parsed.append(("", value))
+            continue
+        name, path = m.group(1).strip(), m.group(2).strip()
+        if not CORPUS_NAME.fullmatch(name):
+            raise AtlasError(f"--dataset {value!r}: the corpus name {name!r} must be 1-32 letters, digits, '_', "
+                             "'.' or '-' starting with a letter or digit: pass --dataset NAME=PATH with such a name, "
+                             "e.g. --dataset web=web.jsonl")
+        if not path:
+            raise AtlasError(f"--dataset {value!r} names no corpus file: pass --dataset {name}=PATH")
+        parsed.append((name, path))
+    named = [n for n, _ in parsed if n]
+    if named and len(named) < len(parsed):
+        raise AtlasError("--dataset mixes named (NAME=PATH) and unnamed (PATH) corpora: name every corpus, "
+                         "e.g. --dataset web=a.jsonl --dataset chat=b.jsonl")
+    if not named and len(parsed) > 1:
+        raise AtlasError("--dataset is given several times without names: name each corpus, e.g. "
+                         "--dataset web=a.jsonl --dataset chat=b.jsonl (or pass one --dataset)")
+    seen = set()
+    for name in named:
+        if name in seen:
+            raise AtlasError(f"--dataset names the corpus {name!r} twice: give each corpus its own name "
+                             "(--dataset NAME=PATH)")
+        seen.add(name)
+    return parsed
+
+
+def share_sequences(n_sequences: int, n_corpora: int) -> list[int]:
+    """Equal shares of ``n_sequences`` among ``n_corpora`` corpora; the first ``n % C`` get one more."""
+    base, extra = divmod(n_sequences, n_corpora)
+    return [base + (1 if i < extra else 0) for i in range(n_corpora)]
+
+
+@dataclass
+class CorpusSplit:
+    """The analysed sequences and where they came from.
+
+    ``tokens[N, T]``: the sequences, corpus after corpus; ``corpora``: per corpus ``{name, path,
+    n_sequences}`` in that order (``Manifest.corpora``; empty for one unnamed corpus).
+    """
+
+    tokens: torch.LongTensor
+    corpora: list[dict]
+
+    def corpus_ids(self) -> np.ndarray:
+        """``int16[N]``: the index in ``corpora`` of each sequence's corpus (all 0 for one unnamed corpus)."""
+        return corpus_ids(self.corpora, self.tokens.shape[0])
+
+
+def corpus_ids(corpora: list[dict], n_sequences: int) -> np.ndarray:
+    """``int16[N]``: per sequence the index of its corpus, from the corpora's sequence counts (in order)."""
+    if not corpora:
+        return np.zeros(n_sequences, dtype=np.int16)
+    ids = np.repeat(np.arange(len(corpora), dtype=np.int16), [int(c["n_sequences"]) for c in corpora])
+    if ids.shape[0] != n_sequences:
+        raise ValueError(f"the corpora hold {ids.shape[0]} sequences, not {n_sequences}")
+    return ids
+
+
+def load_corpora(datasets: list[str] | None, tokenizer, n_sequences: int, seq_len: int,
+                 text_column: str = "text", seed: int = 0) -> CorpusSplit:
+    """The sequences of the ``--dataset`` values (see the module docstring)."""
+    specs = parse_datasets(datasets)
+    if len(specs) == 1 and not specs[0][0]:
+        tokens = load_corpus(specs[0][1], tokenizer, n_sequences, seq_len, text_column, seed)
+        return CorpusSplit(tokens=tokens, corpora=[])
+    if n_sequences < len(specs):
+        raise AtlasError(f"--n-samples {n_sequences} is fewer than the {len(specs)} corpora: pass --n-samples "
+                         f"{len(specs)} or more (the sequences are shared equally among the corpora)")
+    parts, corpora = [], []
+    for (name, path), share in zip(specs, share_sequences(n_sequences, len(specs))):
+        rows = load_corpus(path, tokenizer, share, seq_len, text_column, seed)
+        parts.append(rows)
+        corpora.append({"name": name, "path": path, "n_sequences": int(rows.shape[0])})
+    return CorpusSplit(tokens=torch.cat(parts, dim=0), corpora=corpora)

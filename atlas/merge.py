@@ -250,7 +250,11 @@ def merge_shards(shards: list[_Input], device="cpu") -> "cache_format.Cache":
         state = torch.load(s.folder / SUMMARIES_FILE, map_location=device, weights_only=True)["summaries"]
         part = FeatureSummaries(manifest.n_features, manifest.settings, info.seed, device=device,
                                 feature_offset=manifest.feature_offset)
-        part.load_state_dict(state)
+        try:
+            part.load_state_dict(state)
+        except KeyError as exc:  # a statistic this atlas folds is missing: written by an older version
+            raise AtlasError(f"the shard in {s.folder} lacks the summary {exc} (written by an older atlas): rerun "
+                             f"its atlas analyze --shard {s.shard.label} command with this version") from None
         del state
         merged = part if merged is None else merged.merge(part)
     fin = torch.load(first.folder / FINISH_FILE, map_location=device, weights_only=True)
@@ -299,7 +303,8 @@ def concatenate(parts: list["cache_format.Cache"]) -> "cache_format.Cache":
     n_total = int(m0.checkpoint.get("n_features_total", stop))
     manifest.checkpoint["fingerprint"] = fingerprint(m0.checkpoint["inputs_fingerprint"], first, stop, n_total)
     return cache_format.Cache(manifest=manifest, vocab=parts[0].vocab, tokens=parts[0].tokens,
-                              features=cat("features"), examples=cat("examples"), logits=cat("logits"))
+                              features=cat("features"), examples=cat("examples"), logits=cat("logits"),
+                              corpus_ids=parts[0].corpus_ids)
 
 
 def merge_folders(folders: list[Path], output: Path, device: str | None = None) -> "cache_format.Manifest":

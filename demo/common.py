@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from atlas.demo import DEMO_CORPUS  # noqa: E402
+from atlas.demo import DEMO_CORPORA  # noqa: E402
 
 PROVENANCE = ROOT / "demo" / "provenance.json"
 # <|endoftext|>: SmolLM2's document separator. Every training window starts with it and that position is
@@ -27,9 +27,29 @@ def offline() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def load_corpus(path: Path = DEMO_CORPUS) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def interleave(brown: list[dict], pydoc: list[dict]) -> list[dict]:
+    """Brown documents in order with the Python-docs chunks spread evenly among them (the order the
+    training scripts have always read the demo corpus in)."""
+    docs: list[dict] = []
+    step = len(brown) / len(pydoc)
+    j = 0
+    for i, d in enumerate(brown):
+        docs.append(d)
+        while j < len(pydoc) and (j + 1) * step <= i + 1:
+            docs.append(pydoc[j])
+            j += 1
+    docs.extend(pydoc[j:])
+    return docs
+
+
+def load_corpus() -> list[dict]:
+    """Every document of the demo's two corpora (english: Brown, python: pydoc), interleaved."""
+    return interleave(read_jsonl(DEMO_CORPORA["english"]), read_jsonl(DEMO_CORPORA["python"]))
 
 
 def pydoc_topic(doc: dict) -> str:

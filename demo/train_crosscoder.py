@@ -335,7 +335,7 @@ def main(argv=None) -> int:
             "checkpoint": f"atlas/demo/{CHECKPOINT_NAME}", "cfg": f"atlas/demo/{CFG_NAME}",
             "sources": [{"model": s, "hook_point": cfg["hook_point"]} for s in SPECS],
             "data": {
-                "corpus": "atlas/demo/corpus.jsonl",
+                "corpus": "atlas/demo/corpus_english.jsonl + corpus_python.jsonl (interleaved)",
                 "windows": {"brown": int((domain == 0).sum()), "pydoc": int((domain == 1).sum()),
                             "seq_len": args.seq_len},
                 "train_tokens": len(x_train), "train_tokens_brown": len(x_train) - n_pydoc,

@@ -131,13 +131,18 @@ def make_synthetic_cache(
     dead_fraction: float = 0.05,
     optional_stats: bool = True,
     next_token_effects: str | None = None,
+    corpora: tuple[str, ...] | None = None,
 ) -> Cache:
     """Build a complete synthetic :class:`~atlas.cache.Cache` (see the module docstring).
 
     Feature 0 (if ``n_features`` > 1) is always alive with a full set of top examples and, with
     ``hostile_text``, its top example contains the HTML/JS payload tokens (nowhere else in the corpus); feature 1 (if
     ``n_features`` > 2 and ``dead_fraction`` > 0) is always dead. ``next_token_effects`` overrides
-    ``settings.next_token_effects`` ("top", "all" or "none").
+    ``settings.next_token_effects`` ("top", "all" or "none"). ``corpora`` (names) adds named corpora: the
+    sequences split among them in nearly equal consecutive parts (``corpus_ids``), each feature's active
+    tokens split among them at random (``corpus_n_active`` sums to ``n_active``; ``corpus_max_act`` reaches
+    ``max_act`` on the corpus with the most), and ``special_n_active`` (at most ``n_active``), all drawn from
+    a third generator.
     """
     rng = np.random.default_rng(seed)
     st = settings or Settings(seq_len=seq_len, n_sequences=n_sequences)
@@ -278,6 +283,22 @@ def make_synthetic_cache(
         _add_optional_stats(np.random.default_rng([seed, 1]), st, features, examples, tokens, dead, D_MODEL,
                             feature_offset)
 
+    corpus_list, corpus_ids = [], None
+    if corpora:
+        crng = np.random.default_rng([seed, 2])
+        C = len(corpora)
+        sizes = [n_sequences // C + (1 if c < n_sequences % C else 0) for c in range(C)]
+        corpus_ids = np.repeat(np.arange(C, dtype=np.int16), sizes)
+        corpus_list = [{"name": name, "path": f"{name}.jsonl", "n_sequences": int(k), "n_tokens": int(k * (seq_len - 1))}
+                       for name, k in zip(corpora, sizes)]
+        split = np.stack([crng.multinomial(int(n), crng.dirichlet(np.ones(C))) for n in n_active]).astype(np.int64)
+        top = np.argmax(split, axis=1)
+        cmax = (max_act[:, None] * crng.uniform(0.2, 0.9, (F, C))).astype(np.float32)
+        cmax[np.arange(F), top] = max_act
+        features.corpus_n_active = split
+        features.corpus_max_act = np.where(split > 0, cmax, 0).astype(np.float32)
+        features.special_n_active = np.floor(n_active * crng.uniform(0, 0.5, F)).astype(np.int64)
+
     sources = [SourceInfo(model=f"synthetic/model-{'AB'[s] if S == 2 else s}", site=(
         "blocks.6.hook_resid_post" if S <= 2 else f"blocks.{s}.hook_resid_post"), d_model=D_MODEL) for s in range(S)]
     manifest = Manifest(
@@ -290,6 +311,7 @@ def make_synthetic_cache(
         dataset="synthetic corpus",
         title=title,
         feature_offset=feature_offset,
+        corpora=corpus_list,
         complete=True,
         created="2026-01-01T00:00:00Z",
     )
@@ -303,6 +325,7 @@ def make_synthetic_cache(
             top_ids=top_ids, top_vals=top_vals, bot_ids=bot_ids, bot_vals=bot_vals,
             hist_counts=lg_hist, hist_lo=hist_lo, hist_hi=hist_hi,
         ),
+        corpus_ids=corpus_ids,
     )
 
 

@@ -94,13 +94,17 @@ def test_wrong_column_and_unreachable_hub(tmp_path, tok, monkeypatch):
         load_corpus("someone/some-unknown-dataset", tok, 1, 4)
 
 
-def test_default_is_the_demo_corpus(tmp_path, tok, monkeypatch):
+def test_default_is_the_demo_corpora(tmp_path, tok, monkeypatch):
     import atlas.demo
+    from atlas.corpus import load_corpora
 
-    (tmp_path / "demo.txt").write_text("the demo corpus says hello to everyone here\n")
-    monkeypatch.setattr(atlas.demo, "DEMO_CORPUS", tmp_path / "demo.txt", raising=False)
-    rows = load_corpus(None, tok, 1, 5)
-    assert tok.decode(rows[0, 1:]).startswith("the demo")
+    (tmp_path / "en.txt").write_text("the demo corpus says hello to everyone here\n")
+    (tmp_path / "py.txt").write_text("def hello(): return everyone + here\n")
+    monkeypatch.setattr(atlas.demo, "DEMO_CORPORA", {"english": tmp_path / "en.txt", "python": tmp_path / "py.txt"})
+    split = load_corpora(None, tok, 2, 5)
+    assert [c["name"] for c in split.corpora] == ["english", "python"]
+    assert tok.decode(split.tokens[0, 1:]).startswith("the demo")
+    assert tok.decode(split.tokens[1, 1:]).startswith("def he")
 
 
 def test_tokenizer_without_bos(tmp_path, tok):

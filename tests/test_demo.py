@@ -29,8 +29,12 @@ def _cfg() -> dict:
 
 
 def _docs() -> list[dict]:
-    with open(demo.DEMO_CORPUS, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    """The documents of the demo's corpora, english then python."""
+    docs = []
+    for path in demo.DEMO_CORPORA.values():
+        with open(path, encoding="utf-8") as f:
+            docs += [json.loads(line) for line in f]
+    return docs
 
 
 # --- shipped files -------------------------------------------------------------------------------------
@@ -44,7 +48,7 @@ def test_shipped_files_exist_and_fit_the_budget():
     weights = ckpt.stat().st_size + demo.DEMO_DELTA.stat().st_size
     assert weights <= WEIGHTS_BUDGET, f"shipped weights are {weights / 2**20:.1f} MiB"
     assert demo.DEMO_DELTA.stat().st_size <= 4 * 1024 * 1024
-    assert demo.DEMO_CORPUS.stat().st_size <= 2_000_000
+    assert sum(p.stat().st_size for p in demo.DEMO_CORPORA.values()) <= 2_000_000
 
 
 def test_checkpoint_has_the_documented_shapes_and_cfg():
@@ -111,8 +115,9 @@ def test_corpus_loads_and_mixes_both_domains():
     assert not re.search(r"\w/(nn|at|in|vbd|np)\b", brown)  # Brown tags were stripped
     assert "``" not in brown
     assert "__init__" in pydoc and "def " in pydoc
-    # both domains show up early, so a small --n-samples still mixes them
-    assert {"brown", "pydoc"} <= set(sources[:20])
+    # one source per named corpus, english first (the order of the analysed sequences)
+    assert list(demo.DEMO_CORPORA) == ["english", "python"]
+    assert sources == ["brown"] * 500 + ["pydoc"] * (len(sources) - 500)
     brown_chars, pydoc_chars = len(brown), len(pydoc)
     assert 0.2 < pydoc_chars / (brown_chars + pydoc_chars) < 0.5
 

@@ -169,7 +169,8 @@ def test_torchrun_two_ranks_equal_one_process(tiny_world, tmp_path, checkpoint):
         source = [str(w.crosscoder_ckpt), "--model", str(w.llama_dir), "--model", str(w.llama_chat_dir)]
     else:
         source = [str(_crosscode_batchtopk(w, tmp_path / "run"))]
-    common = [*source, "--dataset", str(w.corpus_jsonl), "-n", "0", "-s", "22", "--seq-len", "24", "--batch-size", "5",
+    # two named corpora: the per-corpus statistics are merged across ranks too
+    common = [*source, "--dataset", f"web={w.corpus_jsonl}", "--dataset", f"notes={w.corpus_txt}", "-n", "0", "-s", "22", "--seq-len", "24", "--batch-size", "5",
               "--top-k", "5", "--seed", "3", "--device", "cpu"]
     assert main(["analyze", *common, "-o", str(tmp_path / "single")]) == 0
 
@@ -182,6 +183,7 @@ def test_torchrun_two_ranks_equal_one_process(tiny_world, tmp_path, checkpoint):
     assert res.stdout.count("atlas: analysed 64 features") == 1  # rank 0 reports, once
     assert not (tmp_path / "ranks" / "state").exists()
     single = read_cache(tmp_path / "single")
+    assert single.features.corpus_n_active.shape == (64, 2) and single.features.special_n_active is not None
     assert_same_cache(read_cache(tmp_path / "ranks"), single)
     if checkpoint != "ckkissane":
         assert single.manifest.checkpoint["batchtopk_threshold_estimated"] is True

@@ -283,6 +283,22 @@ def test_empty_corpus(capsys, out, tiny_world, tmp_path):
     assert out.intact()
 
 
+def test_named_and_unnamed_corpora_mixed(capsys, out, tiny_world):
+    msg = failing(capsys, *build_argv(tiny_world, tiny_world.sae_ckpt, out.site, "--dataset",
+                                      f"web={tiny_world.corpus_txt}"))
+    expect(msg, "Named and unnamed corpora mixed")
+    assert out.intact()
+
+
+@pytest.mark.parametrize("names", [("web", "web"), ("web", "chat room"), ("web", ".x")])
+def test_corpus_name_given_twice_or_with_odd_characters(capsys, out, tiny_world, names):
+    a, b = names
+    msg = failing(capsys, "build", tiny_world.sae_ckpt, "--dataset", f"{a}={tiny_world.corpus_jsonl}", "--dataset",
+                  f"{b}={tiny_world.corpus_txt}", "-o", out.site, *RUN)
+    expect(msg, "Corpus name given twice or with odd characters")
+    assert out.intact()
+
+
 @pytest.mark.parametrize("spec", ["0.8:0.2", "0.3", "-0.1:0.5", "0.2:1.5", "a:b"])
 def test_shared_range_that_is_not_a_range(capsys, out, tiny_world, spec):
     msg = failing(capsys, *build_argv(tiny_world, tiny_world.crosscoder_ckpt, out.site, f"--shared-range={spec}"))

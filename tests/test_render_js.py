@@ -76,6 +76,13 @@ def _write_fixture(folder: Path) -> None:
     _, vocab0 = read_chunk_script((site / "data" / "vocab" / "0.js").read_bytes())
     _, ids0 = read_chunk_script((site / "data" / "vocab" / "ids0.js").read_bytes())
 
+    # named corpora and special-token shares: the index chunk's cd / sp columns
+    corpora_cache = write_synthetic_cache(folder / "cache-corpora", n_features=6, vocab_size=120, n_sequences=9,
+                                          seq_len=40, corpora=("web", "chat", "code"))
+    render_site(corpora_cache, folder / "site-corpora")
+    shutil.copy(folder / "site-corpora" / "data" / "index" / "0.js", folder / "index_corpora0.js")
+    _, corpora_chunk = read_chunk_script((folder / "site-corpora" / "data" / "index" / "0.js").read_bytes())
+
     expected = {
         "sample": {**sample, "bins_kind": {k: v[1] for k, v in bins.items()},
                    "bins": {k: [_jsonable(float(x)) for x in np.asarray(v[0], dtype=float)] for k, v in bins.items()}},
@@ -94,6 +101,8 @@ def _write_fixture(folder: Path) -> None:
         },
         "index_dc": np.frombuffer(read_chunk_script((site / "data" / "index" / "0.js").read_bytes())[1]["dc"],
                                   np.int8).tolist(),
+        "index_corpora": {"n_corpora": 3, "cd": _jsonable_list(np.frombuffer(corpora_chunk["cd"], "<f4")),
+                          "sp": _jsonable_list(np.frombuffer(corpora_chunk["sp"], "<f4"))},
         "vocab0": {"s": vocab0["s"], "o": np.frombuffer(ids0["o"], "<u4").tolist()},
         "search": {
             "tokens": [{"raw": t, "key": token_key(t)} for t in TRICKY_TOKENS],

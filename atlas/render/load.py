@@ -81,6 +81,16 @@ def check_shapes(cache: Cache) -> list[str]:
     ):
         if tuple(np.asarray(arr).shape) != tuple(shape):
             problems.append(f"{name} has shape {np.asarray(arr).shape}, expected {tuple(shape)}")
+    C = len(m.corpora)
+    for name, arr, shape in (("features.corpus_n_active", fs.corpus_n_active, (F, C)),
+                             ("features.corpus_max_act", fs.corpus_max_act, (F, C)),
+                             ("features.special_n_active", fs.special_n_active, (F,))):
+        if arr is not None and tuple(np.asarray(arr).shape) != shape:
+            why = " (one column per corpus of the manifest)" if len(shape) == 2 else ""
+            problems.append(f"{name} has shape {np.asarray(arr).shape}, expected {shape}{why}")
+    ids = None if cache.corpus_ids is None else np.asarray(cache.corpus_ids)
+    if ids is not None and ids.shape != (np.asarray(cache.tokens).shape[0],):
+        problems.append(f"corpus_ids.npy has shape {ids.shape}, expected one entry per sequence")
     if np.asarray(lg.hist_counts).shape[:2] != (F, S):
         problems.append(f"logits.hist_counts has shape {np.asarray(lg.hist_counts).shape}, expected ({F}, {S}, *)")
     tokens = np.asarray(cache.tokens)

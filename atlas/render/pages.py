@@ -10,7 +10,7 @@ explicitly so that they also work from ``file://``, where folders do not resolve
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
 
 import jinja2
@@ -77,6 +77,7 @@ class SiteInfo:
     n_tokens: int = 0
     rel_thresholds: tuple[float, float] = (0.3, 0.7)  # model-diff classes: A-only below, B-only above
     latent_scaling: bool = False  # the cache has latent scaling (two sources): pages and index show ν
+    corpora: list[str] = field(default_factory=list)  # names of the named corpora (Manifest.corpora)
 
 
 def feature_chrome(env: jinja2.Environment, site: SiteInfo) -> dict:
@@ -164,6 +165,7 @@ def feature_page(site: SiteInfo, f: FeatureFacts, strings: list[str], label: Lab
              ("Mean when active", fmt_num(f.mean_act))]
     if len(site.sources) == 2:
         facts += [("Relative norm", fmt_num(f.rel_norm)), ("Decoder cosine", fmt_num(f.dec_cos))]
+    facts += corpus_facts(site.corpora, f)
     return FeaturePage(
         site=site, id=f.id, alive=f.alive,
         page_title=f"Feature {f.id}{' · ' + lab if lab else ''} — {site.title}",
@@ -176,6 +178,15 @@ def feature_page(site: SiteInfo, f: FeatureFacts, strings: list[str], label: Lab
         diff_badge=diff_badge(f.diff_class, site.rel_thresholds) if len(site.sources) == 2 else None,
         chrome=chrome, latent_scaling=latent_scaling_panel(site, f),
     )
+
+
+def corpus_facts(corpora: list[str], f: FeatureFacts) -> list[tuple[str, str]]:
+    """Fact rows of the named corpora (density and max on each) and of the special-token share."""
+    rows = [(f"On {name}", f"{fmt_pct(d)} density · max {fmt_num(mx)}")
+            for name, d, mx in zip(corpora, f.corpus_density, f.corpus_max)]
+    if math.isfinite(f.special_share):
+        rows.append(("On special tokens", f"{fmt_pct(f.special_share)} of activations"))
+    return rows
 
 
 @dataclass
@@ -191,6 +202,9 @@ class IndexPage:
     rel_a: float  # model-A-only below this relative norm
     rel_b: float  # model-B-only above
     latent_scaling: bool = False  # ν^ε / ν^r columns and filters
+    corpora: list[str] = field(default_factory=list)  # a density column and filter per named corpus
+    has_special: bool = False  # a column and filter of the special-token share
+    corpus_tokens: list = field(default_factory=list)  # (name, counted tokens) per named corpus, in the summary
     root: str = ""
     page_scripts: tuple[str, ...] = ("index.js",)
 

@@ -39,7 +39,8 @@ from ..lifetimes import frozen
 
 from .assets import asset_files
 from .chunks import PAGE_LEVEL, encode_payload
-from .features import FeatureFacts, WindowTokens, diff_thresholds, feature_facts, iter_features
+from .features import (FeatureFacts, WindowTokens, corpus_meta, corpus_names, diff_thresholds, feature_facts,
+                       iter_features)
 from .index import ROWS_PER_CHUNK, index_chunk_files
 from .labels import Label, load_labels
 from .load import load_cache
@@ -223,7 +224,8 @@ def render_site(cache_dir: Path, out: Path, *, title: str | None = None, labels:
     names = _source_names(cache)
     site = SiteInfo(title=_site_title(cache, title), has_diff=S >= 2, n_features=F, first_id=first,
                     sources=names, dataset=m.dataset, n_tokens=m.n_tokens, rel_thresholds=diff_thresholds(cache),
-                    latent_scaling=S == 2 and cache.features.ls_nu_err is not None)
+                    latent_scaling=S == 2 and cache.features.ls_nu_err is not None,
+                    corpora=corpus_names(cache))
     vocab = build_site_vocab(cache)
     env = make_environment()
     workers = _default_workers(F) if workers is None else max(1, int(workers))
@@ -275,7 +277,7 @@ def _write_site_files(staged: StagedSite, env, cache, site: SiteInfo, vocab, fac
     has_labels = bool(label_map)
     has_ls = site.latent_scaling
     index_files = index_chunk_files(facts_all, vocab.strings, label_map if has_labels else None,
-                                    latent_scaling=has_ls)
+                                    latent_scaling=has_ls, special=cache.features.special_n_active is not None)
     staged.write_all(index_files)
 
     meta = SiteMeta({
@@ -295,19 +297,24 @@ def _write_site_files(staged: StagedSite, env, cache, site: SiteInfo, vocab, fac
         "has_diff": site.has_diff,
         "rel_thresholds": list(site.rel_thresholds),
         "latent_scaling": has_ls,
-    })
+    } | corpus_meta(cache))
     staged.write("data/meta.js", meta.to_bytes())
 
     description = f"{site.title}: an atlas of {F:,} features of {', '.join(names)}."
     rel_a, rel_b = site.rel_thresholds
-    index_page = IndexPage(site, description, S, has_labels, rel_a, rel_b, latent_scaling=has_ls)
+    index_page = IndexPage(site, description, S, has_labels, rel_a, rel_b, latent_scaling=has_ls,
+                           corpora=list(site.corpora), has_special=cache.features.special_n_active is not None,
+                           corpus_tokens=[(c["name"], int(c.get("n_tokens", 0)))
+                                          for c in (m.corpora if site.corpora else [])])
     staged.write("index.html", env.get_template("index.html").render(index_page.variables()).encode("utf-8"))
     if site.has_diff:
         overview = OverviewPage(site, overview_charts(facts_all, names, site.rel_thresholds),
                                 overview_classes(facts_all, S))
         staged.write("diff/index.html", env.get_template("diff.html").render(overview.variables()).encode("utf-8"))
     staged.write("404.html", env.get_template("404.html").render(NotFoundPage(site).variables()).encode("utf-8"))
-    staged.write("features.csv", features_csv(facts_all, vocab.strings, label_map, S, latent_scaling=has_ls))
+    staged.write("features.csv", features_csv(facts_all, vocab.strings, label_map, S, latent_scaling=has_ls,
+                                              corpora=site.corpora,
+                                              has_special=cache.features.special_n_active is not None))
     paths = ["index.html"] + (["diff/"] if site.has_diff else []) + [f"f/{i}/" for i in page_ids]
     staged.write_all(sitemap_files(paths, site_url))
     staged.write(".nojekyll", b"")

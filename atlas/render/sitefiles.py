@@ -51,7 +51,9 @@ class SiteMeta:
     (``{log10_min, log10_max, bins}`` of the activation histograms), ``vocab`` (``{size, shard_bits,
     n_shards, id_bytes}``), ``index`` (``{n_chunks, rows_per_chunk}``), ``search`` (``{token_shards,
     label_shards}``), ``has_labels``, ``has_diff``, ``rel_thresholds`` (``[a_only_below, b_only_above]``: the model-diff
-    class thresholds of the relative norm, ``features.diff_thresholds``).
+    class thresholds of the relative norm, ``features.diff_thresholds``). Only where the cache has them
+    (``features.corpus_meta``): ``corpora`` (``[{name, n_sequences, n_tokens}]``, the named corpora in the
+    order of the index chunks' ``cd`` columns) and ``has_special`` (the chunks carry ``sp``).
     """
 
     obj: dict
@@ -68,12 +70,13 @@ def _g(x: float) -> str:
 
 
 def features_csv(facts: list[FeatureFacts], strings: list[str], labels: dict[int, Label], n_sources: int,
-                 latent_scaling: bool = False) -> bytes:
+                 latent_scaling: bool = False, corpora: list[str] = (), has_special: bool = False) -> bytes:
     """``features.csv``: one row per feature (read by people and spreadsheets; no JS reads it).
 
     Columns: ``id, label, density, n_active, max_act, mean_act, [rel_norm, dec_cos,] [nu_err, nu_rec,]
     dec_norm_<s>..., peak_source, top_tokens, url``; ``top_tokens`` are token chips separated by spaces;
-    ``nu_*`` (latent scaling) are empty where undefined.
+    ``nu_*`` (latent scaling) are empty where undefined. Then, per named corpus, ``density_<name>,
+    max_act_<name>``, and ``special_share`` when the cache has it.
     """
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -83,6 +86,8 @@ def features_csv(facts: list[FeatureFacts], strings: list[str], labels: dict[int
     if latent_scaling:
         head += ["nu_err", "nu_rec"]
     head += [f"dec_norm_{s}" for s in range(n_sources)] + ["peak_source", "top_tokens", "url"]
+    head += [f"{what}_{name}" for name in corpora for what in ("density", "max_act")]
+    head += ["special_share"] if has_special else []
     w.writerow(head)
     for f in facts:
         lab = labels.get(f.id)
@@ -93,6 +98,10 @@ def features_csv(facts: list[FeatureFacts], strings: list[str], labels: dict[int
             row += [_g(f.nu_err), _g(f.nu_rec)]
         row += [_g(x) for x in f.dec_norm] + [f.peak, " ".join(chip(strings[t]) for t in f.top_tokens),
                                               f"f/{f.id}/"]
+        for d, mx in zip(f.corpus_density, f.corpus_max) if corpora else ():
+            row += [_g(d), _g(mx)]
+        if has_special:
+            row.append(_g(f.special_share))
         w.writerow(row)
     return buf.getvalue().encode("utf-8")
 

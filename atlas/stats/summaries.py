@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .corpora import CorpusStats
 from .correlations import FeatureCorrelations, NeuronCorrelations
 from .intervals import IntervalSamples
 from .latent_scaling import LatentScaling
@@ -52,13 +53,15 @@ class FeatureSummaries:
     sources) enables the latent-scaling sums (:mod:`atlas.stats.latent_scaling`). ``feature_offset`` is
     the id of the first of them in the whole dictionary (a feature slice).
 
-    A ``state_dict`` describes itself: loading it into summaries built without ``width`` or
-    ``candidates`` (e.g. by a tool that merges shards) creates the correlation parts it holds.
+    ``n_corpora`` is the number of named corpora (:class:`CorpusStats`; 1 for one unnamed corpus).
+
+    A ``state_dict`` describes itself: loading it into summaries built without ``width``,
+    ``candidates`` or ``n_corpora`` (e.g. by a tool that merges shards) creates the parts it holds.
     """
 
     def __init__(self, n_features: int, settings, seed: int, device=None, feature_offset: int = 0,
                  width: int | None = None, n_sources: int = 1, candidates: torch.Tensor | None = None,
-                 latent_scaling: bool = False):
+                 latent_scaling: bool = False, n_corpora: int = 1):
         self.settings = settings
         self.seed = seed
         self.n_sources = n_sources
@@ -67,6 +70,7 @@ class FeatureSummaries:
         self.top = TopExamples(n_features, settings.top_k, before, after, device=device)
         self.intervals = IntervalSamples(n_features, settings.n_intervals, settings.interval_k, before, after,
                                          seed, device=device, feature_offset=feature_offset)
+        self.corpora = CorpusStats(n_features, max(1, n_corpora), device=device)
         self.device = device
         self.neurons = None
         if width and getattr(settings, "n_corr_neurons", 0) > 0:
@@ -78,22 +82,31 @@ class FeatureSummaries:
 
     def parts(self) -> dict:
         return {name: part for name, part in (("scalars", self.scalars), ("top", self.top),
-                                               ("intervals", self.intervals), ("neurons", self.neurons),
-                                               ("features", self.features), ("latent", self.latent))
+                                               ("intervals", self.intervals), ("corpora", self.corpora),
+                                               ("neurons", self.neurons), ("features", self.features),
+                                               ("latent", self.latent))
                 if part is not None}
 
     def update(self, acts: torch.Tensor, counted: torch.Tensor, seq_offset: int,
-               x: torch.Tensor | None = None, scaling=None) -> None:
+               x: torch.Tensor | None = None, scaling=None, corpus: torch.Tensor | None = None,
+               special: torch.Tensor | None = None) -> None:
         """Fold a batch: ``acts[B, T, F]`` (any float dtype; values are widened to float32 where read) of
         sequences ``seq_offset + b``, ``counted[B, T]``
         (the tokens that enter the statistics) and, for neuron correlations, the sources' activations
-        ``x[B, T, S, d]`` (any float dtype). ``acts`` is zeroed in place where not counted.
+        ``x[B, T, S, d]`` (any float dtype). ``corpus[B]``: each sequence's corpus (default: all 0);
+        ``special[B, T]``: the special tokens whose activations ``special_n_active`` counts, counted or
+        not (default: none). ``acts`` is zeroed in place where not counted.
 
         For latent scaling, ``scaling(nz_tok, nz_f, nz_vals)`` is called with the batch's active entries
         and returns ``(h[B·T, S, d], recon[B·T, S, d], W_dec[F, S, d], coef)``: the crosscoder's inputs
         and reconstructions, the analysed latents' decoder rows and the entries' decoder coefficients."""
         B, T, F = acts.shape
         flat = acts.view(B * T, F)
+        if special is not None:
+            at = special.reshape(B * T).to(acts.device).nonzero(as_tuple=True)[0]
+            if at.numel():
+                self.corpora.update_special(flat.index_select(0, at))
+        counted2d = counted.reshape(B, T).to(acts.device)
         counted = counted.reshape(B * T).to(acts.device)
         skipped = (~counted).nonzero(as_tuple=True)[0]
         if skipped.numel():
@@ -102,6 +115,9 @@ class FeatureSummaries:
         nz_b, nz_pos = nz_tok // T, nz_tok % T
         n_counted = counted.sum()
         self.scalars.update(n_counted, nz_f, nz_vals)
+        if corpus is None:
+            corpus = torch.zeros(B, dtype=torch.int64, device=acts.device)
+        self.corpora.update(corpus.to(acts.device, torch.int64), counted2d, nz_b, nz_f, nz_vals)
         batch = BatchEntries(acts, nz_b, nz_pos, nz_f, nz_vals)
         self.top.update(batch, seq_offset)
         self.intervals.update(batch, seq_offset)
@@ -142,8 +158,10 @@ class FeatureSummaries:
     def finalize(self, W_dec: torch.Tensor | None = None) -> dict:
         """numpy arrays: the activation fields of ``FeatureStats`` (with ``ncorr_*`` / ``fcorr_*`` when
         enabled, and ``ls_*`` from the latents' decoder rows ``W_dec[F, S, d]`` with latent scaling) and
-        the fields of ``Examples`` except the ``*_next_logit`` ones."""
-        out = self.scalars.finalize() | self.top.finalize() | self.intervals.finalize()
+        the fields of ``Examples`` except the ``*_next_logit`` ones; ``corpus_n_tokens`` is for the
+        manifest."""
+        out = (self.scalars.finalize() | self.top.finalize() | self.intervals.finalize()
+               | self.corpora.finalize())
         if self.neurons is not None:
             out |= self.neurons.finalize(self.settings.n_corr_neurons)
         if self.features is not None:

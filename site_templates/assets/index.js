@@ -4,11 +4,16 @@
  * shows them in a virtualised table: only the rows in view exist in the DOM, so 100k rows scroll
  * smoothly. Sorting (click a header), filters (density range, decoder class, alive/dead, bins from
  * the model-diff page) and search results all work on an index array of the rows. The decoder class
- * filter and the class badges read the same per-feature model-diff class (chunk key dc).
+ * filter and the class badges read the same per-feature model-diff class (chunk key dc). Sites with
+ * named corpora (meta.corpora) get a density column per corpus (chunk key cd) and a density range
+ * filter on one of them; sites with special-token counts (meta.has_special) a column of the share of
+ * activations on special tokens (chunk key sp) and a filter on its maximum.
  *
  * State lives in the URL hash, e.g. #rel=0.40-0.45&cos=0.90-1.00&peak=3&dens=1e-5-1e-3&cls=shared
  * &alive=alive&q=the&sort=-density (a bin "lo-hi" keeps lo <= x < hi, and x = hi for the last bin);
- * with latent scaling (meta.latent_scaling) also nue=MAX and nur=MAX (at most this ν^ε / ν^r).
+ * with latent scaling (meta.latent_scaling) also nue=MAX and nur=MAX (at most this ν^ε / ν^r);
+ * &cdens=python:1e-3-1 (density on the corpus "python" from 1e-3 to 1), &smax=0.5 (at most half of the
+ * activations on special tokens).
  */
 (function () {
   "use strict";
@@ -19,7 +24,10 @@
   var ctl = {
     dmin: doc.getElementById("f-dmin"), dmax: doc.getElementById("f-dmax"), cls: doc.getElementById("f-cls"),
     alive: doc.getElementById("f-alive"), nue: doc.getElementById("f-nue"), nur: doc.getElementById("f-nur"), bins: doc.getElementById("f-bins"), reset: doc.getElementById("f-reset"),
+    corpus: doc.getElementById("f-corpus"), cmin: doc.getElementById("f-cmin"), cmax: doc.getElementById("f-cmax"),
+    smax: doc.getElementById("f-smax"),
   };
+  var CORPORA = (M.corpora || []).map(function (c) { return c.name; });
   var N = M.n_features, th = M.rel_thresholds;
   var CLS = { a: 0, shared: 1, b: 2 }, CLS_KEY = ["a", "shared", "b"], CLS_TEXT = ["A-only", "shared", "B-only"];
   var col = null; // columns once loaded
@@ -29,7 +37,7 @@
 
   function emptyState() {
     return { sort: "id", desc: false, dmin: null, dmax: null, cls: "", alive: "", rel: null, cos: null, peak: null, q: "",
-      nue: null, nur: null };
+      nue: null, nur: null, corpus: CORPORA.length ? CORPORA[0] : "", cmin: null, cmax: null, smax: null };
   }
 
   function parseRange(s) {
@@ -53,6 +61,10 @@
     st.peak = peak !== null && peak !== "" && isFinite(+peak) ? +peak : null;
     st.q = p.get("q") || new URLSearchParams(location.search).get("q") || "";
     ["nue", "nur"].forEach(function (k) { var v = p.get(k); st[k] = v !== null && v !== "" && isFinite(+v) ? +v : null; });
+    var cd = /^(.*):(.*)$/.exec(p.get("cdens") || ""), cr = cd ? parseRange(cd[2]) : null;
+    if (cd && cr && CORPORA.indexOf(cd[1]) >= 0) { st.corpus = cd[1]; st.cmin = cr[0]; st.cmax = cr[1]; }
+    var smax = p.get("smax");
+    st.smax = smax !== null && smax !== "" && isFinite(+smax) ? +smax : null;
     return st;
   }
   function writeHash() {
@@ -66,6 +78,8 @@
     if (state.alive) p.set("alive", state.alive);
     if (state.nue !== null) p.set("nue", String(state.nue));
     if (state.nur !== null) p.set("nur", String(state.nur));
+    if (state.cmin !== null || state.cmax !== null) p.set("cdens", state.corpus + ":" + (state.cmin === null ? 0 : state.cmin) + "-" + (state.cmax === null ? 1 : state.cmax));
+    if (state.smax !== null) p.set("smax", String(state.smax));
     if (state.sort !== "id" || state.desc) p.set("sort", (state.desc ? "-" : "") + state.sort);
     var h = p.toString();
     var url = location.href.replace(/#.*$/, "") + (h ? "#" + h : "");
@@ -78,6 +92,12 @@
     ctl.alive.value = state.alive;
     if (ctl.nue) ctl.nue.value = state.nue === null ? "" : String(state.nue);
     if (ctl.nur) ctl.nur.value = state.nur === null ? "" : String(state.nur);
+    if (ctl.corpus) {
+      ctl.corpus.value = state.corpus;
+      ctl.cmin.value = state.cmin === null ? "" : String(state.cmin);
+      ctl.cmax.value = state.cmax === null ? "" : String(state.cmax);
+    }
+    if (ctl.smax) ctl.smax.value = state.smax === null ? "" : String(state.smax);
     ctl.bins.textContent = "";
     var parts = [];
     if (state.rel) parts.push("rel. norm " + state.rel[2] + "\u2013" + state.rel[3]);
@@ -107,15 +127,19 @@
       var c = {
         id: new Int32Array(N), density: new Float32Array(N), max: new Float32Array(N), rel: new Float32Array(N),
         cos: new Float32Array(N), peak: new Uint16Array(N), cls: new Int8Array(N), tokens: new Array(N),
-        label: M.has_labels ? new Array(N) : null,
+        label: M.has_labels ? new Array(N) : null, special: new Float32Array(N).fill(NaN),
         nue: M.latent_scaling ? new Float32Array(N) : null, nur: M.latent_scaling ? new Float32Array(N) : null,
       };
+      var C = CORPORA.length;
+      for (var j = 0; j < C; j++) c["cd" + j] = new Float32Array(N);
       var r = 0;
       chunks.forEach(function (ch) {
         var d = A.f32(ch.d), m = A.f32(ch.m), rel = A.f32(ch.r), cos = A.f32(ch.c), pk = A.u16(ch.p), tt = A.u16(ch.tt);
-        var dc = A.i8(ch.dc);
+        var dc = A.i8(ch.dc), cd = C && ch.cd ? A.f32(ch.cd) : null, sp = ch.sp ? A.f32(ch.sp) : null;
         var ne = c.nue && ch.ne ? A.f32(ch.ne) : null, nr = c.nur && ch.nr ? A.f32(ch.nr) : null;
         for (var i = 0; i < ch.n; i++, r++) {
+          if (cd) for (var q = 0; q < C; q++) c["cd" + q][r] = cd[i * C + q];
+          if (sp) c.special[r] = sp[i];
           c.id[r] = ch.start + i;
           c.density[r] = d[i]; c.max[r] = m[i]; c.rel[r] = rel[i]; c.cos[r] = cos[i]; c.peak[r] = pk[i];
           c.cls[r] = i < dc.length ? dc[i] : -1;
@@ -139,6 +163,7 @@
       rows = searchIds.ids;
     }
     var src = rows || null, total = src ? src.length : N;
+    var ci = CORPORA.indexOf(state.corpus), cdens = ci >= 0 && (state.cmin !== null || state.cmax !== null) ? col["cd" + ci] : null;
     for (var t = 0; t < total; t++) {
       var i = src ? src[t] - M.first_id : t;
       if (i < 0 || i >= N) continue;
@@ -154,6 +179,12 @@
       if (state.peak !== null && !(d > 0 && col.peak[i] === state.peak)) continue;
       if (state.nue !== null && !(col.nue && col.nue[i] <= state.nue)) continue;
       if (state.nur !== null && !(col.nur && col.nur[i] <= state.nur)) continue;
+      if (cdens) {
+        var cv = cdens[i];
+        if (state.cmin !== null && !(cv >= state.cmin)) continue;
+        if (state.cmax !== null && !(cv <= state.cmax)) continue;
+      }
+      if (state.smax !== null && !(col.special[i] <= state.smax)) continue;
       keep[n++] = i;
     }
     order = keep.slice(0, n);
@@ -208,6 +239,8 @@
     }
     if (col.nue) { cell(tr, "num", A.fmt(col.nue[i], 2)); cell(tr, "num", A.fmt(col.nur[i], 2)); }
     if (M.sources.length > 2) cell(tr, "num", col.density[i] > 0 ? String(col.peak[i]) : "\u2013");
+    for (var q = 0; q < CORPORA.length; q++) cell(tr, "num", A.pct(col["cd" + q][i]));
+    if (M.has_special) cell(tr, "num", A.pct(col.special[i]));
     if (!(col.density[i] > 0)) tr.className = "dead";
     return tr;
   }
@@ -262,6 +295,12 @@
   ctl.alive.addEventListener("change", function () { state.alive = ctl.alive.value; update(); });
   if (ctl.nue) ctl.nue.addEventListener("change", function () { state.nue = num(ctl.nue); update(); });
   if (ctl.nur) ctl.nur.addEventListener("change", function () { state.nur = num(ctl.nur); update(); });
+  if (ctl.corpus) {
+    ctl.corpus.addEventListener("change", function () { state.corpus = ctl.corpus.value; update(); });
+    ctl.cmin.addEventListener("change", function () { state.cmin = num(ctl.cmin); update(); });
+    ctl.cmax.addEventListener("change", function () { state.cmax = num(ctl.cmax); update(); });
+  }
+  if (ctl.smax) ctl.smax.addEventListener("change", function () { state.smax = num(ctl.smax); update(); });
   ctl.reset.addEventListener("click", function () {
     state = emptyState();
     searchIds = null;

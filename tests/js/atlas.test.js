@@ -89,6 +89,21 @@ test("decodes the optional statistics of a feature payload and the index classes
   assert.deepEqual(Array.from(Atlas.i8(chunk.dc)), expected.index_dc);
 });
 
+test("decodes the per-corpus densities and special-token shares of an index chunk", { skip: !fixture }, async () => {
+  const chunk = await Atlas.decode(runDataScript(path.join(fixture, "index_corpora0.js")).b64);
+  const exp = expected.index_corpora;
+  const cd = Array.from(Atlas.f32(chunk.cd)), sp = Array.from(Atlas.f32(chunk.sp));
+  assert.equal(cd.length, chunk.n * exp.n_corpora);
+  assert.equal(sp.length, chunk.n);
+  for (const [got, want] of [[cd, exp.cd], [sp, exp.sp]]) {
+    want.forEach((w, i) => {
+      if (w === null) assert.ok(Number.isNaN(got[i]), `[${i}] is NaN`);
+      else assert.ok(Math.abs(got[i] - w) <= Math.abs(w) * 1e-6, `[${i}]: ${got[i]} vs ${w}`);
+    });
+  }
+  assert.ok(sp.some((v) => v > 0) && cd.some((v) => v > 0));
+});
+
 test("vocab shard strings and token ids survive the round trip", { skip: !fixture }, async () => {
   const sh = await Atlas.decode(runDataScript(path.join(fixture, "vocab0.js")).b64);
   assert.deepEqual(sh.s, expected.vocab0.s);
