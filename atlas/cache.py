@@ -206,6 +206,8 @@ class FeatureStats:
       -1 = none) and ``fcorr_val[F, C]`` (float32, NaN = none). The candidates are searched among the
       analysed features only (their activations are the ones at hand): for a ``--features A:B``
       slice, among A..B-1
+    - ``ls_nu_err[F]``, ``ls_nu_rec[F]`` (float32): latent scaling ν^ε / ν^r, see docs/panels.md
+      (two-source crosscoders; NaN where undefined)
     """
 
     density: np.ndarray
@@ -228,6 +230,8 @@ class FeatureStats:
     ncorr_val: np.ndarray | None = None
     fcorr_ids: np.ndarray | None = None
     fcorr_val: np.ndarray | None = None
+    ls_nu_err: np.ndarray | None = None
+    ls_nu_rec: np.ndarray | None = None
 
 
 @dataclass
