@@ -105,7 +105,6 @@
     for (var k = 0; k < n; k++) { px[k] = sx(p.x[k]); py[k] = sy(p.y[k]); }
     var colors = {};
     Object.keys(CLASS_VAR).forEach(function (c) { colors[c] = cssVar(CLASS_VAR[c], "#555"); });
-    ctx.globalAlpha = 0.75;
     [1, -1, 0, 2].forEach(function (cls) {
       ctx.fillStyle = colors[cls] || muted;
       for (var k = 0; k < n; k++) {
@@ -115,7 +114,6 @@
         ctx.fill();
       }
     });
-    ctx.globalAlpha = 1;
 
     function toCanvas(e) {
       var b = canvas.getBoundingClientRect();
