@@ -2,8 +2,9 @@
  *
  * Reads data/diff.js (overview.OverviewData in atlas/render/overview.py) and draws on each
  * <canvas data-plot="..."> of the page:
- *   rel: every alive feature, relative decoder norm (x) × decoder cosine (y), coloured by model-diff
- *        class, the class thresholds as dashed lines;
+ *   rel: every alive feature, relative decoder norm (x) × decoder cosine (y, on a -log10(1 - cos) scale
+ *        so that the many shared features near 1 spread out), coloured by model-diff class, the class
+ *        thresholds as dashed lines;
  *   nu:  the model-A-only and model-B-only features whose latent scaling ratios are both finite,
  *        ν^ε (x) × ν^r (y); values outside the plot's range are drawn at its edge.
  * Hovering shows the nearest point's feature id, coordinates and top tokens; a click within a few
@@ -13,7 +14,7 @@
 (function () {
   "use strict";
   var A = window.Atlas, doc = document;
-  var W = 640, H = 360, PAD = { l: 48, r: 14, t: 12, b: 40 };
+  var W = 640, H = 360, PAD = { l: 56, r: 14, t: 12, b: 40 };
   var HIT = 6; // a click or hover within this many canvas pixels of a point picks it
   var CLASS_VAR = { 0: "--a", 1: "--shared", 2: "--b" };
 
@@ -48,11 +49,17 @@
     return [lo, hi];
   }
 
+  /** The cosine axis: -log10(1 - cos), so that 0.9, 0.99, 0.999 are equally spaced (cos ≥ 0.9999 at the top). */
+  var COS_FLOOR = 1e-4, COS_TICKS = [-1, 0, 0.5, 0.9, 0.99, 0.999, 1];
+  function cosScale(c) { return -Math.log10(Math.max(1 - c, COS_FLOOR)); }
+
   function fmtTick(v) { return String(+v.toFixed(3)); }
 
   /**
    * Draw points on a canvas and wire hover and click.
-   * p: {x: Float32Array, y: Float32Array, rows: Int32Array (data rows drawn), xr, yr, xlabel, ylabel, vlines, hlines}
+   * p: {x, y: Float32Array (plot coordinates), shown: the y values to show on hover (default y),
+   *     rows: Int32Array (data rows drawn), xr, yr: axis ranges, yticks: [[y, text]] (default: round
+   *     values), xlabel, ylabel, xshort, yshort, vlines, hlines}
    */
   function plot(canvas, data, p) {
     var dpr = window.devicePixelRatio || 1;
@@ -77,11 +84,11 @@
     });
     ctx.fillText(p.xlabel, PAD.l + iw / 2, H - 6);
     ctx.textAlign = "right";
-    ticks(p.yr[0], p.yr[1]).forEach(function (v) {
-      var y = sy(v);
+    (p.yticks || ticks(p.yr[0], p.yr[1]).map(function (v) { return [v, fmtTick(v)]; })).forEach(function (t) {
+      var v = t[0], y = sy(v);
       ctx.strokeStyle = line;
       ctx.beginPath(); ctx.moveTo(PAD.l, y); ctx.lineTo(PAD.l + iw, y); ctx.stroke();
-      ctx.fillText(fmtTick(v), PAD.l - 5, y + 4);
+      ctx.fillText(t[1], PAD.l - 5, y + 4);
     });
     ctx.save();
     ctx.translate(12, PAD.t + ih / 2);
@@ -137,7 +144,7 @@
         if (t) toks.push(data.ts[t - 1]);
       }
       tip.textContent = "feature " + data.id[row] + "  " + p.xshort + " " + A.fmt(p.x[k], 3) + "  " +
-        p.yshort + " " + A.fmt(p.y[k], 3) + (toks.length ? "\n" + toks.join("  ") : "");
+        p.yshort + " " + A.fmt((p.shown || p.y)[k], 3) + (toks.length ? "\n" + toks.join("  ") : "");
       tip.setAttribute("data-id", String(data.id[row]));
       tip.hidden = false;
       tip.style.left = Math.min(e.clientX + 12, window.innerWidth - tip.offsetWidth - 4) + "px";
@@ -170,12 +177,13 @@
     if (rel) {
       var rows = [];
       for (var i = 0; i < data.n; i++) if (isFinite(data.r[i]) && isFinite(data.c[i])) rows.push(i);
-      var x = new Float32Array(rows.length), y = new Float32Array(rows.length);
-      rows.forEach(function (row, k) { x[k] = data.r[row]; y[k] = data.c[row]; });
-      var ylo = range(y, [0, 1], -1, 1)[0] < 0 ? -1 : 0;
+      var x = new Float32Array(rows.length), y = new Float32Array(rows.length), cos = new Float32Array(rows.length);
+      rows.forEach(function (row, k) { x[k] = data.r[row]; cos[k] = data.c[row]; y[k] = cosScale(data.c[row]); });
+      var ylo = range(cos, [0, 1], -1, 1)[0] < 0 ? -1 : 0;
       A.diffPlots.rel = plot(rel, data, {
-        x: x, y: y, rows: Int32Array.from(rows), xr: [0, 1], yr: [ylo, 1],
-        xlabel: "relative decoder norm r (A-only \u2190 \u2192 B-only)", ylabel: "decoder cosine",
+        x: x, y: y, shown: cos, rows: Int32Array.from(rows), xr: [0, 1], yr: [cosScale(ylo), cosScale(1)],
+        yticks: COS_TICKS.filter(function (c) { return c >= ylo; }).map(function (c) { return [cosScale(c), String(c)]; }),
+        xlabel: "relative decoder norm r (A-only \u2190 \u2192 B-only)", ylabel: "decoder cosine (finer near 1)",
         xshort: "r", yshort: "cos", vlines: [raw.lo, raw.hi]
       });
     }
