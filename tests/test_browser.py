@@ -392,7 +392,8 @@ def _isolated(points: list, gap: float = 16.0) -> list:
 def _pixels(page, plot: str, points: list) -> list[list[int]]:
     """RGBA of the canvas ``plot`` at the client positions of ``points`` ([id, x, y]), one readback."""
     return page.evaluate("([plot, pts]) => { const c = document.querySelector(`canvas[data-plot=${plot}]`);"
-                         " const b = c.getBoundingClientRect(); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+                         " const b = c.getBoundingClientRect();"
+                         " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
                          " return pts.map(([id, x, y]) => { const px = Math.round((x - b.left) * c.width / b.width),"
                          " py = Math.round((y - b.top) * c.height / b.height), o = 4 * (py * c.width + px);"
                          " return Array.from(d.slice(o, o + 4)); }); }", [plot, points])
@@ -431,8 +432,8 @@ def test_overview_scatter_plots(world, page, where):
         lone = _isolated(points)
         assert lone
         for (fid, _x, _y), rgba in zip(lone, _pixels(page, plot, lone)):
-            assert rgba[3] > 100 and max(abs(a - b) for a, b in zip(rgba, CLASS_COLOURS[int(fs.diff_class[fid])])) <= 8, \
-                (fid, rgba)
+            want_rgb = CLASS_COLOURS[int(fs.diff_class[fid])]
+            assert rgba[3] > 100 and max(abs(a - b) for a, b in zip(rgba, want_rgb)) <= 8, (fid, rgba)
         fid, x, y = lone[len(lone) // 2]
         page.mouse.move(x + 2, y + 1)
         tip = page.locator(".tip:not([hidden])")

@@ -96,7 +96,7 @@ def test_log_scale_keeps_single_features_visible():
 
 
 def test_histogram_bars_and_ticks_are_log_scaled(sites):
-    cache, site = sites["plain"]
+    _cache, site = sites["plain"]
     html = (site / "diff" / "index.html").read_text("utf-8")
     bars = _bars(html, 0)
     counts = np.array([n for _, n, _ in bars])
@@ -106,7 +106,7 @@ def test_histogram_bars_and_ticks_are_log_scaled(sites):
     for _href, n, h in bars:
         assert h == pytest.approx(inner * np.log10(1 + n) / np.log10(1 + top), abs=0.01)
         if n:
-            assert f'<text class="count"' in svg and f">{n}</text>" in svg
+            assert '<text class="count"' in svg and f">{n}</text>" in svg
     ticks = re.findall(r'<text class="ylab" x="[0-9.]+" y="[0-9.]+">([0-9,]+)</text>', svg)
     assert ticks == [f"{10 ** k:,}" for k in range(len(ticks) - 1)] + ["0"]
     assert ticks[-2] == f"{top:,}"
