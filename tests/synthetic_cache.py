@@ -23,6 +23,9 @@ analysis writes, for any number of features and sources, without torch or a mode
   to the window activation times a fixed pseudo-random effect of (feature, source, next token) and 0
   where the activation is 0 or no next token exists. ``optional_stats=False`` gives a cache as an
   older atlas wrote it.
+- with ``latent_scaling=True`` (S = 2): latent scaling ratios ``ls_nu_err``/``ls_nu_rec``, finite for
+  alive features outside the shared class (spread over ``[0, 1.4]``, a few beyond) and NaN elsewhere,
+  drawn from a third generator.
 
 The same arguments always give the same arrays (``numpy.random.Generator`` seeded from ``seed``; the
 optional fields draw from a second generator, so the other arrays do not depend on ``optional_stats``).
@@ -132,6 +135,7 @@ def make_synthetic_cache(
     optional_stats: bool = True,
     next_token_effects: str | None = None,
     corpora: tuple[str, ...] | None = None,
+    latent_scaling: bool = False,
 ) -> Cache:
     """Build a complete synthetic :class:`~atlas.cache.Cache` (see the module docstring).
 
@@ -282,6 +286,8 @@ def make_synthetic_cache(
     if optional_stats:
         _add_optional_stats(np.random.default_rng([seed, 1]), st, features, examples, tokens, dead, D_MODEL,
                             feature_offset)
+    if latent_scaling and S == 2:
+        _add_latent_scaling(np.random.default_rng([seed, 2]), st, features, dead)
 
     corpus_list, corpus_ids = [], None
     if corpora:
@@ -429,6 +435,19 @@ def _add_optional_stats(rng, st: Settings, fs: FeatureStats, ex: Examples, token
             nu = b[np.arange(F), own, 1 - own] / b[np.arange(F), own, own]
             setattr(fs, f"ls_nu_{name}", nu.astype(np.float32))
         fs.ls_beta_err, fs.ls_beta_rec = beta["err"], beta["rec"]
+
+
+def _add_latent_scaling(rng, st: Settings, fs: FeatureStats, dead: np.ndarray) -> None:
+    """Synthetic ``ls_nu_err``/``ls_nu_rec`` (S = 2): finite for alive features whose relative norm is
+    outside the shared range, NaN elsewhere."""
+    F = fs.rel_norm.shape[0]
+    r = fs.rel_norm.astype(np.float32)
+    specific = ~dead & ((r < np.float32(st.diff_shared_lo)) | (r > np.float32(st.diff_shared_hi)))
+    ne = rng.uniform(0.0, 1.4, F) ** 1.5
+    nr = rng.uniform(0.0, 1.4, F)
+    ne[rng.random(F) < 0.05] = 4.0  # beyond the plot's range
+    fs.ls_nu_err = np.where(specific, ne, np.nan).astype(np.float32)
+    fs.ls_nu_rec = np.where(specific, nr, np.nan).astype(np.float32)
 
 
 def write_synthetic_cache(folder: Path, **kwargs) -> Path:

@@ -34,7 +34,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     cache_dir = write_synthetic_cache(root / "cache", n_features=N_FEATURES, n_sources=2, vocab_size=400,
                                       n_sequences=48, seq_len=64, hostile_text=True, seed=1,
-                                      next_token_effects="all")
+                                      next_token_effects="all", latent_scaling=True)
     labels = root / "labels.json"
     labels.write_text(json.dumps(LABELS), "utf-8")
     site = root / "www" / "sub" / "site"
@@ -405,6 +405,105 @@ def test_overview_bins_link_to_features(world, page):
     page.locator(f"#rows a:text-is('{ids[0]}')").click()
     page.wait_for_selector("html[data-ready]")
     assert page.url.endswith(f"/f/{ids[0]}/index.html")
+
+
+CLASS_COLOURS = {0: (0x2F, 0x7D, 0x4F), 1: (0x5D, 0x66, 0x75), 2: (0xA8, 0x45, 0x2A)}  # --a, --shared, --b
+
+
+def _isolated(points: list, gap: float = 16.0) -> list:
+    """The points [id, x, y] with no other point within ``gap`` client pixels."""
+    xy = np.array([[p[1], p[2]] for p in points])
+    out = []
+    for k, p in enumerate(points):
+        d = np.hypot(*(xy - xy[k]).T)
+        d[k] = np.inf
+        if d.min() > gap:
+            out.append(p)
+    return out
+
+
+def _pixels(page, plot: str, points: list) -> list[list[int]]:
+    """RGBA of the canvas ``plot`` at the client positions of ``points`` ([id, x, y]), one readback."""
+    return page.evaluate("([plot, pts]) => { const c = document.querySelector(`canvas[data-plot=${plot}]`);"
+                         " const b = c.getBoundingClientRect();"
+                         " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+                         " return pts.map(([id, x, y]) => { const px = Math.round((x - b.left) * c.width / b.width),"
+                         " py = Math.round((y - b.top) * c.height / b.height), o = 4 * (py * c.width + px);"
+                         " return Array.from(d.slice(o, o + 4)); }); }", [plot, points])
+
+
+def _index_tokens(site) -> dict[int, list[str]]:
+    out = {}
+    for p in sorted((site / "data" / "index").glob("*.js")):
+        ch = read_chunk_script(p.read_bytes())[1]
+        tt = np.frombuffer(ch["tt"], "<u2").reshape(-1, 3)
+        for r in range(ch["n"]):
+            out[ch["start"] + r] = [ch["ts"][t - 1] for t in tt[r] if t]
+    return out
+
+
+@pytest.mark.parametrize("where", ["root", "file"])
+def test_overview_scatter_plots(world, page, where):
+    """Both scatter plots are drawn (every point in its class colour), sit where their values say, show a
+    feature's id and top tokens on hover, and open its page on click; the lists show top tokens."""
+    fs = world["cache"].features
+    alive = fs.density > 0
+    tokens = _index_tokens(world["site"])
+    specific = alive & np.isin(fs.diff_class, [0, 2]) & np.isfinite(fs.ls_nu_err) & np.isfinite(fs.ls_nu_rec)
+    for plot, want, xs, ys in (("rel", alive, fs.rel_norm, fs.dec_cos), ("nu", specific, fs.ls_nu_err, fs.ls_nu_rec)):
+        _ready(page, world["bases"][where] + "diff/index.html")
+        canvas = page.locator(f"canvas[data-plot={plot}]")
+        canvas.scroll_into_view_if_needed()
+        points = page.evaluate(f"Atlas.diffPlots.{plot}.points()")
+        assert sorted(p[0] for p in points) == np.flatnonzero(want).tolist()
+        # positions follow the values: x grows with the first, y (downwards) shrinks with the second
+        if plot == "rel":
+            by_x = sorted(points, key=lambda p: (float(xs[p[0]]), p[1]))
+            assert all(a[1] <= b[1] + 1e-3 for a, b in zip(by_x, by_x[1:]))
+            by_y = sorted(points, key=lambda p: (float(ys[p[0]]), -p[2]))
+            assert all(a[2] >= b[2] - 1e-3 for a, b in zip(by_y, by_y[1:]))
+        lone = _isolated(points)
+        assert lone
+        for (fid, _x, _y), rgba in zip(lone, _pixels(page, plot, lone)):
+            want_rgb = CLASS_COLOURS[int(fs.diff_class[fid])]
+            assert rgba[3] > 100 and max(abs(a - b) for a, b in zip(rgba, want_rgb)) <= 8, (fid, rgba)
+        fid, x, y = lone[len(lone) // 2]
+        page.mouse.move(x + 2, y + 1)
+        tip = page.locator(".tip:not([hidden])")
+        tip.wait_for()
+        text = tip.inner_text()
+        assert text.startswith(f"feature {fid} ") and all(t in text for t in tokens[fid]), text
+        page.mouse.click(x + 2, y + 1)
+        page.wait_for_url(re.compile(rf"/f/{fid}/index\.html$"))
+        page.wait_for_selector("html[data-ready]")
+    # the lists: the most model-B-only feature first, with its top tokens
+    _ready(page, world["bases"][where] + "diff/index.html")
+    b_only = np.flatnonzero(alive & (fs.diff_class == 2))
+    top_b = int(b_only[np.argmax(fs.rel_norm[b_only])])
+    row = page.locator("#most-b tbody tr").first
+    assert row.locator("td a").inner_text() == str(top_b)
+    assert row.locator("td.toks .chip").all_inner_texts() == tokens[top_b]
+    assert page.locator("#most-a tbody tr").count() == min(20, int((alive & (fs.diff_class == 0)).sum()))
+    row.locator("td a").click()
+    page.wait_for_selector("html[data-ready]")
+    assert page.url.endswith(f"/f/{top_b}/index.html")
+
+
+def test_overview_fine_cosine_bin_agrees_with_index(world, page):
+    """The narrowest non-empty cosine bin (near 1) links to the index filtered to the same features."""
+    fs = world["cache"].features
+    page.goto(world["bases"]["root"] + "diff/index.html")
+    bins = page.locator("svg.hist").nth(1).locator("a.bin")
+    counts = [int(x) for x in bins.evaluate_all("els => els.map(e => e.getAttribute('data-count'))")]
+    k = max(i for i, n in enumerate(counts) if n > 0)
+    bins.nth(k).locator("rect.hit").click()
+    page.wait_for_selector("html[data-ready]")
+    lo, hi = (float(x) for x in re.search(r"cos=(-?[0-9.]+)-(-?[0-9.]+)", page.url).groups())
+    assert hi - lo <= 0.05
+    ids = _all_row_ids(page)
+    want = [i for i in np.flatnonzero((fs.density > 0) & (fs.diff_class == 1))
+            if lo <= float(fs.dec_cos[i]) < hi or float(fs.dec_cos[i]) == hi == 1.0]
+    assert sorted(ids) == want and len(ids) == counts[k]
 
 
 def test_embed_permalink_and_keys(world, page):

@@ -7,6 +7,7 @@ Every file comes from the package ``atlas.site_templates``:
   the token table, search, and keyboard shortcuts; loaded by every page
 - ``assets/feature.js``: draws a feature page's panels from its payload
 - ``assets/index.js``: the virtualised, sortable, filterable index table
+- ``assets/diff.js``: the model-diff overview's scatter plots (``<canvas>``) from ``data/diff.js``
 - ``assets/msgpack.min.js`` and ``assets/msgpack.LICENSE.txt``: ``@msgpack/msgpack`` (UMD build, ISC),
   see ``site_templates/vendor/msgpack/README.md``
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import re
 from importlib.resources import files
 
-OWN_ASSETS = ("atlas.css", "atlas.js", "feature.js", "index.js")
+OWN_ASSETS = ("atlas.css", "atlas.js", "feature.js", "index.js", "diff.js")
 _SOURCE_MAP = re.compile(rb"\n?//# sourceMappingURL=\S*\s*$")
 
 

@@ -215,14 +215,19 @@ class IndexPage:
 @dataclass
 class OverviewPage:
     """Context of ``site_templates/diff.html`` (the page ``diff/index.html``, sites with two or more
-    sources): static SVG histograms whose bars link to the index filtered to their bin; no page script
-    of its own."""
+    sources): static SVG histograms whose bars link to the index filtered to their bin; for two sources
+    also the scatter plots (``<canvas>``, drawn by ``assets/diff.js`` from ``data/diff.js``) and the
+    lists of the most model-specific features."""
 
     site: SiteInfo
     charts: list  # overview.Chart
     classes: list[dict]  # {name, href, count}
     root: str = "../"
     page_scripts: tuple[str, ...] = ()
+    scatter: bool = False  # two sources: the rel. norm × cosine scatter
+    has_nu: bool = False  # the cache has latent scaling: the ν^ε × ν^r scatter and list columns
+    n_nu: int = 0  # points of the ν scatter
+    lists: list = field(default_factory=list)  # {key, title, order, rows: [overview.ListedFeature]}
 
     def variables(self) -> dict:
         return self.__dict__

@@ -7,6 +7,7 @@ the site, and which script reads it)::
     f/<id>/index.html     pages.FeaturePage        one per feature; embeds features.FeaturePayload,
                                                    drawn by assets/feature.js
     diff/index.html       pages.OverviewPage       model-diff overview, two or more sources (overview.Chart)
+    data/diff.js          overview.OverviewData    overview scatter points, two sources (assets/diff.js)
     404.html              pages.NotFoundPage
     atlas-site.json       sitefiles.SiteMarker     marks the folder as an atlas site (verify, replace)
     features.csv  sitemap.xml  .nojekyll           sitefiles.features_csv / sitemap_files
@@ -38,14 +39,14 @@ from ..errors import AtlasError
 from ..lifetimes import frozen
 
 from .assets import asset_files
-from .chunks import PAGE_LEVEL, encode_payload
-from .features import (FeatureFacts, WindowTokens, corpus_meta, corpus_names, diff_thresholds, feature_facts,
+from .chunks import PAGE_LEVEL, chunk_script, encode_payload
+from .features import (DIFF_A_ONLY, DIFF_B_ONLY, FeatureFacts, WindowTokens, corpus_meta, corpus_names, diff_thresholds, feature_facts,
                        iter_features)
 from .index import ROWS_PER_CHUNK, index_chunk_files
 from .labels import Label, load_labels
 from .load import load_cache
 from .output import StagedSite
-from .overview import overview_charts, overview_classes
+from .overview import OverviewData, extreme_features, nu_specific_count, overview_charts, overview_classes
 from .pages import IndexPage, NotFoundPage, OverviewPage, SiteInfo, feature_chrome, feature_page, make_environment
 from .search import TokenIndexBuilder, label_shard_files, token_shard_files
 from .sitefiles import MARKER, SiteMeta, features_csv, make_marker, sitemap_files
@@ -310,6 +311,22 @@ def _write_site_files(staged: StagedSite, env, cache, site: SiteInfo, vocab, fac
     if site.has_diff:
         overview = OverviewPage(site, overview_charts(facts_all, names, site.rel_thresholds),
                                 overview_classes(facts_all, S))
+        if S == 2:
+            nu_err, nu_rec = cache.features.ls_nu_err, cache.features.ls_nu_rec
+            if nu_err is None or nu_rec is None:
+                nu_err = nu_rec = None
+            data = OverviewData(facts_all, site.rel_thresholds, nu_err, nu_rec)
+            staged.write("data/diff.js", chunk_script("diff", data.to_obj(vocab.strings)))
+            overview.scatter = True
+            overview.has_nu = nu_err is not None
+            overview.n_nu = nu_specific_count(facts_all, nu_err, nu_rec)
+            overview.lists = [
+                {"key": "a", "title": "Most model-A-only features", "order": "lowest r first",
+                 "rows": extreme_features(facts_all, vocab.strings, DIFF_A_ONLY, nu_err=nu_err, nu_rec=nu_rec)},
+                {"key": "b", "title": "Most model-B-only features", "order": "highest r first",
+                 "rows": extreme_features(facts_all, vocab.strings, DIFF_B_ONLY, nu_err=nu_err, nu_rec=nu_rec)},
+            ]
+            overview.page_scripts = ("diff.js",)
         staged.write("diff/index.html", env.get_template("diff.html").render(overview.variables()).encode("utf-8"))
     staged.write("404.html", env.get_template("404.html").render(NotFoundPage(site).variables()).encode("utf-8"))
     staged.write("features.csv", features_csv(facts_all, vocab.strings, label_map, S, latent_scaling=has_ls,
