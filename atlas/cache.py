@@ -281,6 +281,16 @@ class LogitEffects:
     the L largest, ``bot_ids/bot_vals[F, S, L]`` the L smallest (most negative first);
     ``hist_counts[F, S, H]`` is a histogram of the effect over the whole vocabulary between
     ``hist_lo[F, S]`` and ``hist_hi[F, S]`` (H equal bins).
+
+    Centring: an analysis that writes ``mean`` reports every value above centred over the vocabulary,
+    ``effect[t] - mean[f, s]`` with ``mean[f, s]`` the mean raw effect over all V tokens (a shift every
+    logit gets alike: it moves no probability). Optional (``None`` in older caches, whose values are raw):
+
+    - ``mean[F, S]`` (float32): the subtracted mean effect
+    - for S = 2, the B−A table of the centred effects, ``diff[t] = e_1[t] - e_0[t]``: ``diff_top_ids`` /
+      ``diff_top_vals[F, L]`` the L tokens whose effect grows most from source A's decoder to source B's
+      (largest first), ``diff_bot_ids`` / ``diff_bot_vals[F, L]`` those it shrinks most (most negative
+      first)
     """
 
     top_ids: np.ndarray
@@ -290,6 +300,11 @@ class LogitEffects:
     hist_counts: np.ndarray
     hist_lo: np.ndarray
     hist_hi: np.ndarray
+    mean: np.ndarray | None = None
+    diff_top_ids: np.ndarray | None = None
+    diff_top_vals: np.ndarray | None = None
+    diff_bot_ids: np.ndarray | None = None
+    diff_bot_vals: np.ndarray | None = None
 
 
 @dataclass

@@ -228,9 +228,13 @@ def test_logit_effects_brute_force():
     W = torch.randn(9, 2, 6, generator=g)
     U = [torch.randn(6, 50, generator=g), torch.randn(6, 50, generator=g)]
     out = logit_effects(W, U, k=5, n_bins=7, max_elements=120)  # several chunks
+    effs = {}
     for f in range(9):
         for s in range(2):
-            eff = W[f, s].numpy() @ U[s].numpy()
+            raw = W[f, s].double().numpy() @ U[s].double().numpy()
+            assert out["mean"][f, s] == pytest.approx(raw.mean(), rel=1e-4, abs=1e-5)
+            eff = raw - raw.mean()  # centred over the vocabulary
+            effs[f, s] = eff
             order = np.argsort(-eff)
             np.testing.assert_array_equal(out["top_ids"][f, s], order[:5])
             np.testing.assert_allclose(out["top_vals"][f, s], eff[order[:5]], rtol=1e-5)
@@ -241,10 +245,19 @@ def test_logit_effects_brute_force():
             counts, _ = np.histogram(eff, bins=7, range=(eff.min(), eff.max()))
             assert out["hist_counts"][f, s].sum() == 50
             assert np.abs(out["hist_counts"][f, s] - counts).sum() <= 2  # float rounding at bin edges
+        diff = effs[f, 1] - effs[f, 0]  # the B−A table: growth of the centred effect from A's decoder to B's
+        order = np.argsort(-diff)
+        np.testing.assert_array_equal(out["diff_top_ids"][f], order[:5])
+        np.testing.assert_allclose(out["diff_top_vals"][f], diff[order[:5]], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(out["diff_bot_ids"][f], order[::-1][:5])
+        np.testing.assert_allclose(out["diff_bot_vals"][f], diff[order[::-1][:5]], rtol=1e-4, atol=1e-5)
     none = logit_effects(W, U, k=0, n_bins=7, max_elements=120)  # no top tokens: the histograms stay
     assert none["top_ids"].shape == (9, 2, 0) and none["bot_vals"].shape == (9, 2, 0)
     for name in ("hist_counts", "hist_lo", "hist_hi"):
         np.testing.assert_array_equal(none[name], out[name])
+    single = logit_effects(W[:, :1], U[:1], k=5, n_bins=7)  # one source: no B−A table
+    assert "diff_top_ids" not in single
+    np.testing.assert_array_equal(single["top_ids"][:, 0], out["top_ids"][:, 0])
 
 
 def test_low_precision_activations_fold_as_their_float32_values():
