@@ -731,6 +731,7 @@ def make_manifest(plan: Plan, input_scale, threshold, widths, n_tokens: int) -> 
             "neighbours_among": plan.among,
         } | batchtopk,
         dataset=plan.options.dataset, feature_offset=plan.first,
+        special_ids=sorted(int(i) for i in plan.models.special_ids),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 

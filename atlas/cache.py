@@ -153,6 +153,9 @@ class Manifest:
     dataset: str = ""
     title: str = ""
     feature_offset: int = 0  # id of the first feature in this cache (feature slices)
+    # the tokenizer's special token ids (BOS, EOS — the separator between documents —, pad, chat-template
+    # markers), marked in the pages' example windows; None in caches written before it existed
+    special_ids: list[int] | None = None
     complete: bool = False
     created: str = ""
     format_version: int = FORMAT_VERSION
