@@ -156,6 +156,10 @@ class Manifest:
     # the tokenizer's special token ids (BOS, EOS — the separator between documents —, pad, chat-template
     # markers), marked in the pages' example windows; None in caches written before it existed
     special_ids: list[int] | None = None
+    # per source, the outlier dimensions of the decoder (``atlas.stats.geometry.outlier_dims``: RMS over the
+    # analysed features above 10 × the median dimension's), left out of the neuron alignment ranking and
+    # flagged on the pages; None when not computed (older caches, or no neuron alignment)
+    outlier_dims: list[list[int]] | None = None
     complete: bool = False
     created: str = ""
     format_version: int = FORMAT_VERSION
@@ -194,7 +198,7 @@ class FeatureStats:
       (r < lo), 1 = shared (lo ≤ r ≤ hi), 2 = model-B-only (r > hi), -1 = no class (S ≠ 2, or a
       zero decoder)
     - neuron alignment, the ``Settings.n_align`` = A decoder entries of largest magnitude over all
-      sources and dimensions, largest first: ``align_source[F, A]``, ``align_dim[F, A]`` (int32),
+      sources and dimensions but the outlier dimensions (``Manifest.outlier_dims``), largest first: ``align_source[F, A]``, ``align_dim[F, A]`` (int32),
       ``align_val[F, A]`` (float32, the signed entry ``W_dec[f, s, i]``) and ``align_l1_frac[F, A]``
       (float32, |W_dec[f, s, i]| / Σ|W_dec[f]|, the entry's share of the decoder's L1 norm; the sum over
       the A entries is the share they carry together). -1 / NaN where S·d < A.

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from atlas.cache import Settings
-from atlas.stats import FeatureSummaries, decoder_norms, interval_keys, logit_effects, merge, nearest_neighbours
+from atlas.stats import (FeatureSummaries, decoder_norms, interval_keys, logit_effects, merge, nearest_neighbours,
+                         neuron_alignment, outlier_dims)
 from atlas.stats.intervals import power_of_two_exponent
 
 SETTINGS = Settings(top_k=4, n_intervals=3, interval_k=2, window_before=3, window_after=2, hist_bins=16,
@@ -221,6 +222,33 @@ def test_decoder_geometry_brute_force():
     assert nn["neighbours"][4, 0] == 5 and nn["neighbour_cos"][4, 0] > 0.99
     small = nearest_neighbours(W[:3], n=4)
     assert (small["neighbours"][:, 2:] == -1).all() and np.isnan(small["neighbour_cos"][:, 2:]).all()
+
+
+def test_outlier_dimension_is_flagged_and_left_out_of_alignment():
+    """A planted massive dimension (the largest entry of every feature, as in a residual stream) is
+    flagged by the median rule and every ranking of the alignment is the brute-force ranking without it."""
+    g = torch.Generator().manual_seed(5)
+    F, S, d = 30, 2, 16
+    W = torch.randn(F, S, d, generator=g)
+    W[:, 1, 7] = 40 + torch.rand(F, generator=g)  # source B, dimension 7
+    W[:3, 0, 2] = 25.0  # large in three features only: its RMS stays under the bar
+    mask = outlier_dims(W)
+    rms = np.sqrt((W.numpy() ** 2).mean(0))
+    np.testing.assert_array_equal(mask, rms > 10 * np.median(rms, axis=1, keepdims=True))
+    assert mask.sum() == 1 and mask[1, 7]
+    plain = neuron_alignment(W, k=4)
+    assert (plain["align_source"][:, 0] == 1).all() and (plain["align_dim"][:, 0] == 7).all()
+    out = neuron_alignment(W, k=4, exclude=mask, block=64)  # several blocks
+    flat = W.reshape(F, -1).numpy()
+    allowed = ~mask.reshape(-1)
+    for f in range(F):
+        cols = np.flatnonzero(allowed)
+        want = cols[np.argsort(-np.abs(flat[f, cols]), kind="stable")[:4]]
+        got = out["align_source"][f] * d + out["align_dim"][f]
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(out["align_val"][f], flat[f, want], rtol=1e-6)
+        np.testing.assert_allclose(out["align_l1_frac"][f], np.abs(flat[f, want]) / np.abs(flat[f]).sum(), rtol=1e-5)
+    assert not outlier_dims(torch.randn(F, S, d, generator=g)).any()
 
 
 def test_logit_effects_brute_force():
