@@ -301,6 +301,9 @@ def make_synthetic_cache(
     if optional_stats:
         _add_centring(np.random.default_rng([seed, 2]), logits, vocab_size=len(vocab))
         manifest.special_ids = [0]  # the BOS token every sequence starts with
+        # one flagged outlier dimension: the first correlated neuron of the first feature
+        first = int(features.ncorr_source[0, 0])
+        manifest.outlier_dims = [[int(features.ncorr_dim[0, 0])] if s == first else [] for s in range(S)]
     return Cache(
         manifest=manifest,
         vocab=vocab,

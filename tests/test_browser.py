@@ -165,9 +165,18 @@ def test_new_panels_show_the_cache_values(world, page, fid):
     # correlated neurons: (source, dim, r), strongest |r| first
     ok = fs.ncorr_dim[fid] >= 0
     rows = page.locator("[data-panel=ncorr] table.neurons tbody tr")
-    want = [["AB"[s], str(d), fmt_num(_f16(v))]
+    outliers = cache.manifest.outlier_dims  # flagged with ⚑ (the synthetic cache flags one dimension)
+    want = [["AB"[s], str(d) + (" \u2691" if d in outliers[s] else ""), fmt_num(_f16(v))]
             for s, d, v in zip(fs.ncorr_source[fid][ok], fs.ncorr_dim[fid][ok], fs.ncorr_val[fid][ok])]
     assert [r.locator("td").all_inner_texts() for r in rows.all()] == want
+    # on a residual-stream site the dimensions are residual dimensions; the outliers are named
+    assert page.locator("#ncorr h2").inner_text() == "Correlated residual dimensions"
+    assert page.locator("#alignment h2").inner_text() == "Residual dimension alignment"
+    s_out = next(s for s, dims in enumerate(outliers) if dims)
+    note = page.locator("[data-panel=alignment] .outliers").inner_text()
+    assert f"{'AB'[s_out]} {outliers[s_out][0]}." in note and "left out of this ranking" in note
+    if fid == 0:
+        assert rows.first.locator(".outlier").count() == 1
     assert len(want) == cache.manifest.settings.n_corr_neurons
     s0 = int(fs.ncorr_source[fid][0])
     src = cache.manifest.sources[s0]
@@ -185,7 +194,7 @@ def test_new_panels_show_the_cache_values(world, page, fid):
         assert LABELS[str(i)] in page.locator("[data-panel=fcorr]").inner_text()
     # neuron alignment: the largest decoder entries and the share of the L1 norm they carry together
     rows = page.locator("[data-panel=alignment] table.neurons tbody tr")
-    want = [["AB"[s], str(d), fmt_num(float(v)), _pct(_f16(fr))] for s, d, v, fr in
+    want = [["AB"[s], str(d) + (" \u2691" if d in outliers[s] else ""), fmt_num(float(v)), _pct(_f16(fr))] for s, d, v, fr in
             zip(fs.align_source[fid], fs.align_dim[fid], fs.align_val[fid], fs.align_l1_frac[fid])]
     assert [r.locator("td").all_inner_texts() for r in rows.all()] == want
     total = sum(_f16(x) for x in fs.align_l1_frac[fid])

@@ -289,6 +289,7 @@ def _write_site_files(staged: StagedSite, env, cache, site: SiteInfo, vocab, fac
         "rel_thresholds": list(site.rel_thresholds),
         "min_active": site.min_active,
         "special": special_site_ids(cache, vocab),
+        "outlier_dims": m.outlier_dims,
     })
     staged.write("data/meta.js", meta.to_bytes())
 

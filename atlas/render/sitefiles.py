@@ -54,7 +54,9 @@ class SiteMeta:
     class thresholds of the relative norm, ``features.diff_thresholds``), ``min_active`` (a feature with
     fewer active tokens is flagged and its correlations hidden: ``atlas render --min-active``),
     ``special`` (site ids of the tokenizer's special tokens, ``Manifest.special_ids``: marked in example
-    windows; empty for a cache without them).
+    windows; empty for a cache without them), ``outlier_dims`` (per source, the decoder's outlier
+    dimensions, ``Manifest.outlier_dims``, flagged in the alignment and correlation tables; null when the
+    cache has none recorded).
     """
 
     obj: dict

@@ -49,8 +49,9 @@
     if (p.nb && p.nb.byteLength) box.appendChild(section("neighbours", "Nearest features by decoder cosine"));
     if (present(p.fi, dead)) box.appendChild(section("fcorr", "Correlated features"));
     var grid2 = A.el("div", "grid");
-    if (present(p.av, dead)) grid2.appendChild(section("alignment", "Neuron alignment"));
-    if (present(p.xv, dead)) grid2.appendChild(section("ncorr", "Correlated neurons"));
+    var word = dimWord(), Word = word.charAt(0).toUpperCase() + word.slice(1);
+    if (present(p.av, dead)) grid2.appendChild(section("alignment", Word + " alignment"));
+    if (present(p.xv, dead)) grid2.appendChild(section("ncorr", "Correlated " + word + "s"));
     if (grid2.firstChild) box.appendChild(grid2);
   }
   /** An optional payload array: shown when the cache has it (key present), unless empty on a dead feature. */
@@ -59,6 +60,27 @@
   function sourceName(s) {
     var src = M.sources[s] || { model: "source " + s, site: "" };
     return (M.sources.length === 2 ? "AB"[s] + " \u00b7 " : "") + src.model + " \u00b7 " + src.site;
+  }
+  /** What a dimension of the sources' activations is: a residual dimension on a residual-stream site
+   * (resid_*, attn_out, mlp_out), a neuron on an MLP's hidden layer (mlp.hook_post), a head dimension
+   * on hook_z. */
+  function dimWord() {
+    var site = (M.sources[0] || {}).site || "";
+    if (/mlp\.hook_post/.test(site)) return "neuron";
+    if (/hook_z/.test(site)) return "head dimension";
+    return "residual dimension";
+  }
+  function isOutlier(s, dim) {
+    var o = M.outlier_dims && M.outlier_dims[s];
+    return !!o && o.indexOf(dim) >= 0;
+  }
+  function outlierNote() {
+    var o = M.outlier_dims, parts = [];
+    if (!o) return null;
+    o.forEach(function (dims, s) { dims.forEach(function (d) { parts.push((sourceShort(s) ? sourceShort(s) + " " : "") + d); }); });
+    if (!parts.length) return null;
+    return "Outlier " + dimWord() + "s (\u2691: RMS over all features above 10\u00d7 the median dimension's, " +
+      "the kind that is the largest entry of nearly every feature): " + parts.join(", ") + ".";
   }
   function sourceShort(s) { return M.sources.length === 2 ? "AB"[s] : M.sources.length > 2 ? "s" + s : ""; }
   function signed(x) { return (x > 0 ? "+" : x < 0 ? "\u2212" : "") + A.fmt(Math.abs(x)); }
@@ -91,7 +113,12 @@
       var src = A.el("td", "src", sourceShort(r[0]) || sourceName(r[0]));
       src.title = sourceName(r[0]);
       row.appendChild(src);
-      row.appendChild(A.el("td", "num dim", r[1]));
+      var dc = A.el("td", "num dim", r[1]);
+      if (isOutlier(r[0], r[1])) {
+        dc.appendChild(A.el("span", "outlier", " \u2691"));
+        dc.title = "outlier dimension";
+      }
+      row.appendChild(dc);
       for (var k = 2; k < r.length; k++) row.appendChild(A.el("td", "num", r[k]));
       tb.appendChild(row);
     });
@@ -122,9 +149,12 @@
     var src = A.u16(p.xs), dim = A.u32(p.xd), r = A.f16(p.xv), rows = [];
     for (var i = 0; i < r.length; i++) rows.push([src[i], dim[i], A.fmt(r[i])]);
     if (!rows.length) { body.appendChild(A.el("p", "empty", "No correlated neurons.")); return; }
-    body.appendChild(neuronTable("ncorr", ["Source", "Neuron", "Pearson r"], rows));
+    var word = dimWord();
+    body.appendChild(neuronTable("ncorr", ["Source", word.charAt(0).toUpperCase() + word.slice(1), "Pearson r"], rows));
     body.appendChild(A.el("p", "note", "Dimensions of the sources' activations (as read from the model) with the " +
       "largest |Pearson correlation| with the feature's activation over all counted tokens."));
+    var o = outlierNote();
+    if (o) body.appendChild(A.el("p", "note outliers", o));
   }
   function drawAlignment(p) {
     var body = panel("alignment");
@@ -136,6 +166,8 @@
     }
     if (!rows.length) { body.appendChild(A.el("p", "empty", "No decoder entries.")); return; }
     body.appendChild(neuronTable("alignment", ["Source", "Dim", "W_dec", "Share"], rows));
+    var o = outlierNote();
+    if (o) body.appendChild(A.el("p", "note outliers", o + " They are left out of this ranking."));
     var note = A.el("p", "note", "The " + rows.length + " largest decoder entries W_dec[f, s, i] carry ");
     var strong = A.el("strong", "align-total", A.pct(total));
     note.appendChild(strong);
