@@ -330,6 +330,9 @@ def test_alignment_and_diff_class(diff_setup, diff_cache):
     rms = np.sqrt((cc.W_dec.numpy() ** 2).mean(0))  # [S, d]: no dimension stands out in this decoder
     assert (rms <= 10 * np.median(rms, axis=1, keepdims=True)).all()
     assert cache.manifest.outlier_dims == [[], []]
+    _, models, _ = diff_setup
+    assert cache.manifest.special_ids == sorted(models.tokenizer.all_special_ids)  # marked in the pages
+    assert models.bos_token_id in cache.manifest.special_ids
     for f in range(cc.n_features):
         got = fs.align_source[f] * d + fs.align_dim[f]  # shared features have tied entries in both sources
         np.testing.assert_allclose(np.abs(fs.align_val[f]), np.sort(np.abs(flat[f]))[::-1][:10], rtol=1e-6)

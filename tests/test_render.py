@@ -186,6 +186,21 @@ def _score_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return ends[0], ends[1]
 
 
+def test_min_active_option(tmp_path, capsys):
+    """--min-active sets the low-count threshold of the pages (meta.min_active); a negative one is refused."""
+    from atlas.cli import main
+
+    cache = _tiny_cache(tmp_path / "cache")
+    site = tmp_path / "site"
+    assert main(["render", str(cache), "-o", str(site), "--min-active", "3"]) in (0, None)
+    meta = json.loads((site / "data" / "meta.js").read_text("ascii")[len("Atlas.meta("):-3])
+    assert meta["min_active"] == 3
+    n0 = int(read_cache(cache).features.n_active[0])
+    assert ("Low count" in (site / "f" / "0" / "index.html").read_text("utf-8")) == (n0 < 3)
+    with pytest.raises(AtlasError, match="--min-active -1 is negative"):
+        render_site(cache, tmp_path / "other", min_active=-1)
+
+
 def test_wilson_interval_is_the_score_interval():
     from atlas.render.pages import wilson_interval
 
