@@ -367,7 +367,16 @@ def _parse_manifest(text: str) -> Manifest:
         raise ValueError("sources is not a list")
     for part in (manifest, manifest.settings, *manifest.sources):
         _check_fields(part, "manifest.json")
+    if manifest.special_ids is not None and not _int_list(manifest.special_ids):
+        raise ValueError(f"manifest.json: special_ids is {manifest.special_ids!r}, not a list of token ids")
+    dims = manifest.outlier_dims
+    if dims is not None and not (isinstance(dims, list) and all(_int_list(d) for d in dims)):
+        raise ValueError(f"manifest.json: outlier_dims is {dims!r}, not one list of dimensions per source")
     return manifest
+
+
+def _int_list(x) -> bool:
+    return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
 
 
 def _parse_vocab(text: str) -> list[str]:

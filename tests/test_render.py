@@ -642,3 +642,15 @@ def test_serve_serves_the_site_and_its_404(tmp_path):
         server.server_close()
     with pytest.raises(AtlasError, match="no atlas site"):
         make_server(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("key, value", [("special_ids", ["x"]), ("special_ids", 3), ("outlier_dims", [1, 2]),
+                                        ("outlier_dims", [[0.5]])])
+def test_bad_manifest_lists(tmp_path, key, value):
+    """A manifest whose special ids or outlier dimensions are not lists of integers is refused by name."""
+    cache = _tiny_cache(tmp_path / "cache")
+    m = json.loads((cache / "manifest.json").read_text("utf-8"))
+    m[key] = value
+    (cache / "manifest.json").write_text(json.dumps(m), "utf-8")
+    with pytest.raises(AtlasError, match=key):
+        render_site(cache, tmp_path / "site")
