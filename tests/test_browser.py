@@ -258,6 +258,7 @@ def test_honest_feature_page(world, page):
         checked += bool(want)
     assert checked > 0
     # centred logit effects: the subtracted mean per source; the B−A table's first rows
+    assert "Outlier residual dimensions" in page.locator("[data-panel=logits] .outliers").inner_text()
     notes = page.locator("[data-panel=logits] .centred").all_inner_texts()
     assert [n.split("(")[1].split(")")[0] for n in notes] == [_signed(float(m)) for m in lg.mean[0]]
     diff = page.locator("[data-panel=logits] .logit-diff")

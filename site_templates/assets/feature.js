@@ -403,6 +403,11 @@
       }
       body.appendChild(box);
     });
+    var o = outlierNote();
+    if (o && /^residual/.test(dimWord())) {
+      body.appendChild(A.el("p", "note outliers", o + " Their entries count in these effects, and a " +
+        "direction shared by many decoders puts the same tokens near the top of many features' lists."));
+    }
     if (p.ld) {
       var diff = A.el("div", "logit-source logit-diff");
       diff.appendChild(A.el("h3", null, "B − A: how the effect changes from A's decoder to B's"));
