@@ -251,7 +251,7 @@
         var cls = isMax ? "tok " + centreClass : "tok";
         if (special[id]) cls += " special";
         if (pos && at - centreIndex + p === 0) {
-          var st = A.el("span", "seqstart", "⎸");
+          var st = A.el("span", "seqstart", "start");
           st.title = "start of the sequence";
           line.appendChild(st);
         }
