@@ -833,6 +833,7 @@ def make_manifest(plan: Plan, input_scale, threshold, widths, n_tokens: int) -> 
         } | batchtopk,
         dataset=plan.options.dataset, feature_offset=plan.first,
         corpora=[dict(c) for c in plan.options.corpora],
+        special_ids=sorted(int(i) for i in plan.models.special_ids),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -840,7 +841,8 @@ def make_manifest(plan: Plan, input_scale, threshold, widths, n_tokens: int) -> 
 def assemble(summaries, inputs: FinishInputs, manifest, tokens, logit_hist_bins: int) -> "cache_format.Cache":
     """The cache: the summaries' arrays, decoder geometry, neighbours and logit effects (``manifest`` is
     completed with the number of counted tokens)."""
-    from .stats import decoder_norms, example_windows, logit_effects, nearest_neighbours, neuron_alignment
+    from .stats import (decoder_norms, example_windows, logit_effects, nearest_neighbours, neuron_alignment,
+                        outlier_dims)
 
     settings = manifest.settings
     arrays = summaries.finalize(W_dec=inputs.W_dec)
@@ -850,8 +852,10 @@ def assemble(summaries, inputs: FinishInputs, manifest, tokens, logit_hist_bins:
     W_dec = inputs.W_dec
     neighbours = inputs.neighbours or nearest_neighbours(W_dec, settings.n_neighbours)
     geometry = decoder_norms(W_dec, settings.diff_shared_lo, settings.diff_shared_hi) | neighbours
-    if settings.n_align > 0:
-        geometry |= neuron_alignment(W_dec, settings.n_align)
+    if settings.n_align > 0:  # outlier dimensions are flagged and left out of the alignment ranking
+        flagged = outlier_dims(W_dec)
+        geometry |= neuron_alignment(W_dec, settings.n_align, exclude=flagged)
+        manifest.outlier_dims = [np.flatnonzero(row).tolist() for row in flagged]
     windows = example_windows(arrays, settings.next_token_effects)
     logits = logit_effects(W_dec, inputs.unembeddings, settings.logit_k, logit_hist_bins, windows=windows,
                            tokens=tokens, window_before=settings.window_before)

@@ -193,7 +193,7 @@ def render_command(args, cache_dir: Path | None = None):
     check_output(Path(args.output))
     check_writable(Path(args.output).absolute().parent)
     return render_site(cache_dir, Path(args.output), title=args.title, labels=args.labels,
-                       site_url=getattr(args, "site_url", None))
+                       site_url=getattr(args, "site_url", None), min_active=getattr(args, "min_active", 10))
 
 
 def inspect_command(args) -> None:

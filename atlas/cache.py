@@ -160,6 +160,13 @@ class Manifest:
     # tokens.npy: ``{"name", "path", "n_sequences", "n_tokens"}`` each, n_tokens counting the corpus's
     # tokens that enter the statistics. Empty for one unnamed corpus (and in older caches).
     corpora: list = field(default_factory=list)
+    # the tokenizer's special token ids (BOS, EOS — the separator between documents —, pad, chat-template
+    # markers), marked in the pages' example windows; None in caches written before it existed
+    special_ids: list[int] | None = None
+    # per source, the outlier dimensions of the decoder (``atlas.stats.geometry.outlier_dims``: RMS over the
+    # analysed features above 10 × the median dimension's), left out of the neuron alignment ranking and
+    # flagged on the pages; None when not computed (older caches, or no neuron alignment)
+    outlier_dims: list[list[int]] | None = None
     complete: bool = False
     created: str = ""
     format_version: int = FORMAT_VERSION
@@ -198,7 +205,7 @@ class FeatureStats:
       (r < lo), 1 = shared (lo ≤ r ≤ hi), 2 = model-B-only (r > hi), -1 = no class (S ≠ 2, or a
       zero decoder)
     - neuron alignment, the ``Settings.n_align`` = A decoder entries of largest magnitude over all
-      sources and dimensions, largest first: ``align_source[F, A]``, ``align_dim[F, A]`` (int32),
+      sources and dimensions but the outlier dimensions (``Manifest.outlier_dims``), largest first: ``align_source[F, A]``, ``align_dim[F, A]`` (int32),
       ``align_val[F, A]`` (float32, the signed entry ``W_dec[f, s, i]``) and ``align_l1_frac[F, A]``
       (float32, |W_dec[f, s, i]| / Σ|W_dec[f]|, the entry's share of the decoder's L1 norm; the sum over
       the A entries is the share they carry together). -1 / NaN where S·d < A.
@@ -321,6 +328,16 @@ class LogitEffects:
     the L largest, ``bot_ids/bot_vals[F, S, L]`` the L smallest (most negative first);
     ``hist_counts[F, S, H]`` is a histogram of the effect over the whole vocabulary between
     ``hist_lo[F, S]`` and ``hist_hi[F, S]`` (H equal bins).
+
+    Centring: an analysis that writes ``mean`` reports every value above centred over the vocabulary,
+    ``effect[t] - mean[f, s]`` with ``mean[f, s]`` the mean raw effect over all V tokens (a shift every
+    logit gets alike: it moves no probability). Optional (``None`` in older caches, whose values are raw):
+
+    - ``mean[F, S]`` (float32): the subtracted mean effect
+    - for S = 2, the B−A table of the centred effects, ``diff[t] = e_1[t] - e_0[t]``: ``diff_top_ids`` /
+      ``diff_top_vals[F, L]`` the L tokens whose effect grows most from source A's decoder to source B's
+      (largest first), ``diff_bot_ids`` / ``diff_bot_vals[F, L]`` those it shrinks most (most negative
+      first)
     """
 
     top_ids: np.ndarray
@@ -330,6 +347,11 @@ class LogitEffects:
     hist_counts: np.ndarray
     hist_lo: np.ndarray
     hist_hi: np.ndarray
+    mean: np.ndarray | None = None
+    diff_top_ids: np.ndarray | None = None
+    diff_top_vals: np.ndarray | None = None
+    diff_bot_ids: np.ndarray | None = None
+    diff_bot_vals: np.ndarray | None = None
 
 
 @dataclass
@@ -393,7 +415,16 @@ def _parse_manifest(text: str) -> Manifest:
         raise ValueError("sources is not a list")
     for part in (manifest, manifest.settings, *manifest.sources):
         _check_fields(part, "manifest.json")
+    if manifest.special_ids is not None and not _int_list(manifest.special_ids):
+        raise ValueError(f"manifest.json: special_ids is {manifest.special_ids!r}, not a list of token ids")
+    dims = manifest.outlier_dims
+    if dims is not None and not (isinstance(dims, list) and all(_int_list(d) for d in dims)):
+        raise ValueError(f"manifest.json: outlier_dims is {dims!r}, not one list of dimensions per source")
     return manifest
+
+
+def _int_list(x) -> bool:
+    return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
 
 
 def _parse_vocab(text: str) -> list[str]:

@@ -119,6 +119,9 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site-url", default=None, metavar="URL",
                    help="public URL the site will be served from, e.g. https://example.org/atlas/; used only "
                    "for absolute URLs in sitemap.xml (default: relative URLs)")
+    p.add_argument("--min-active", type=int, default=10, metavar="N",
+                   help="features with fewer than N active tokens are flagged as low-count on their page and "
+                   "their neuron and feature correlations are hidden (default: 10; 0 shows them all)")
 
 
 def build_parser() -> argparse.ArgumentParser:

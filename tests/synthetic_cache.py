@@ -26,6 +26,8 @@ analysis writes, for any number of features and sources, without torch or a mode
 - with ``latent_scaling=True`` (S = 2): latent scaling ratios ``ls_nu_err``/``ls_nu_rec``, finite for
   alive features outside the shared class (spread over ``[0, 1.4]``, a few beyond) and NaN elsewhere,
   drawn from a third generator.
+  older atlas wrote it. Also the subtracted mean logit effect, the B−A table (S = 2) and the special
+  token ids (the BOS token, id 0).
 
 The same arguments always give the same arrays (``numpy.random.Generator`` seeded from ``seed``; the
 optional fields draw from a second generator, so the other arrays do not depend on ``optional_stats``).
@@ -321,18 +323,38 @@ def make_synthetic_cache(
         complete=True,
         created="2026-01-01T00:00:00Z",
     )
+    logits = LogitEffects(
+        top_ids=top_ids, top_vals=top_vals, bot_ids=bot_ids, bot_vals=bot_vals,
+        hist_counts=lg_hist, hist_lo=hist_lo, hist_hi=hist_hi,
+    )
+    if optional_stats:
+        _add_centring(np.random.default_rng([seed, 2]), logits, vocab_size=len(vocab))
+        manifest.special_ids = [0]  # the BOS token every sequence starts with
+        # one flagged outlier dimension: the first correlated neuron of the first feature
+        first = int(features.ncorr_source[0, 0])
+        manifest.outlier_dims = [[int(features.ncorr_dim[0, 0])] if s == first else [] for s in range(S)]
     return Cache(
         manifest=manifest,
         vocab=vocab,
         tokens=tokens,
         features=features,
         examples=examples,
-        logits=LogitEffects(
-            top_ids=top_ids, top_vals=top_vals, bot_ids=bot_ids, bot_vals=bot_vals,
-            hist_counts=lg_hist, hist_lo=hist_lo, hist_hi=hist_hi,
-        ),
+        logits=logits,
         corpus_ids=corpus_ids,
     )
+
+
+def _add_centring(rng, lg: LogitEffects, vocab_size: int) -> None:
+    """The optional logit fields: the subtracted mean effect per feature and source, and for S = 2 a B−A
+    table (distinct token ids, differences sorted as the analysis writes them)."""
+    F, S, L = lg.top_ids.shape
+    lg.mean = rng.normal(0, 0.05, (F, S)).astype(np.float32)
+    if S != 2:
+        return
+    ids = np.stack([rng.choice(vocab_size, 2 * L, replace=False) for _ in range(F)]).astype(np.int32)
+    vals = np.sort(rng.exponential(0.3, (F, 2 * L)), axis=1)[:, ::-1].astype(np.float32)
+    lg.diff_top_ids, lg.diff_top_vals = ids[:, :L], vals[:, :L].copy()
+    lg.diff_bot_ids, lg.diff_bot_vals = ids[:, L:], -vals[:, L:][:, ::-1].copy()
 
 
 def _next_logits(seq, pos, window, tokens, f_ids, dec_norm, wb: int, block: int = 4096) -> np.ndarray:

@@ -135,9 +135,13 @@ def test_logit_effects_match_brute_force(diff_setup, diff_cache, brute):
     _, cache, _ = diff_cache
     _, _, hf = brute
     lg = cache.logits
+    effs = []
     for s, model in enumerate(hf):
         U = (model.model.norm.weight[:, None] * model.lm_head.weight.T).detach().numpy()  # [d, V]
-        eff = cc.W_dec[:, s].numpy() @ U  # [F, V]
+        raw = cc.W_dec[:, s].double().numpy() @ U  # [F, V]
+        np.testing.assert_allclose(lg.mean[:, s], raw.mean(1), rtol=1e-4, atol=1e-6)
+        eff = raw - raw.mean(1, keepdims=True)  # centred over the vocabulary
+        effs.append(eff)
         order = np.argsort(-eff, axis=1)
         np.testing.assert_array_equal(lg.top_ids[:, s], order[:, :6])
         np.testing.assert_allclose(lg.top_vals[:, s], np.take_along_axis(eff, order[:, :6], 1), rtol=1e-4,
@@ -145,6 +149,11 @@ def test_logit_effects_match_brute_force(diff_setup, diff_cache, brute):
         np.testing.assert_array_equal(lg.bot_ids[:, s], order[:, ::-1][:, :6])
         np.testing.assert_allclose(lg.hist_lo[:, s], eff.min(1), rtol=1e-4)
         np.testing.assert_allclose(lg.hist_hi[:, s], eff.max(1), rtol=1e-4)
+    diff = effs[1] - effs[0]  # B−A table
+    order = np.argsort(-diff, axis=1)
+    np.testing.assert_array_equal(lg.diff_top_ids, order[:, :6])
+    np.testing.assert_allclose(lg.diff_bot_vals, np.take_along_axis(diff, order[:, ::-1][:, :6], 1), rtol=1e-4,
+                               atol=1e-6)
 
 
 def test_decoder_geometry(diff_setup, diff_cache):
@@ -318,6 +327,12 @@ def test_alignment_and_diff_class(diff_setup, diff_cache):
     fs = cache.features
     flat = cc.W_dec.reshape(cc.n_features, -1).numpy()
     d = cc.d_model
+    rms = np.sqrt((cc.W_dec.numpy() ** 2).mean(0))  # [S, d]: no dimension stands out in this decoder
+    assert (rms <= 10 * np.median(rms, axis=1, keepdims=True)).all()
+    assert cache.manifest.outlier_dims == [[], []]
+    _, models, _ = diff_setup
+    assert cache.manifest.special_ids == sorted(models.tokenizer.all_special_ids)  # marked in the pages
+    assert models.bos_token_id in cache.manifest.special_ids
     for f in range(cc.n_features):
         got = fs.align_source[f] * d + fs.align_dim[f]  # shared features have tied entries in both sources
         np.testing.assert_allclose(np.abs(fs.align_val[f]), np.sort(np.abs(flat[f]))[::-1][:10], rtol=1e-6)

@@ -130,7 +130,7 @@ def test_feature_page(world, page, where):
     n_groups = int(((ex.iv_seq[0] >= 0).sum(axis=1) > 0).sum())
     assert page.locator("[data-panel=intervals] .group").count() == n_groups
     assert page.locator("[data-panel=histogram] svg .bar").count() >= 1
-    assert page.locator("[data-panel=logits] table.logit").count() == 4
+    assert page.locator("[data-panel=logits] table.logit").count() == 6  # 2 per source and the B−A table
     assert page.locator("[data-panel=decoder] .barrow").count() == 2
     # dataset text and labels with HTML/JS payloads are text and run nothing
     assert page.evaluate("window.__atlas_xss") is None
@@ -152,7 +152,7 @@ def _f16(x) -> float:
     return float(np.float16(x))
 
 
-@pytest.mark.parametrize("fid", [0, 3])
+@pytest.mark.parametrize("fid", [0, 4])  # features with enough active tokens for correlations
 def test_new_panels_show_the_cache_values(world, page, fid):
     """Correlated neurons, correlated features, neuron alignment and the diff-class badge of a feature
     show the cache's values (as stored in the payload: correlations as float16)."""
@@ -165,9 +165,18 @@ def test_new_panels_show_the_cache_values(world, page, fid):
     # correlated neurons: (source, dim, r), strongest |r| first
     ok = fs.ncorr_dim[fid] >= 0
     rows = page.locator("[data-panel=ncorr] table.neurons tbody tr")
-    want = [["AB"[s], str(d), fmt_num(_f16(v))]
+    outliers = cache.manifest.outlier_dims  # flagged with ⚑ (the synthetic cache flags one dimension)
+    want = [["AB"[s], str(d) + (" \u2691" if d in outliers[s] else ""), fmt_num(_f16(v))]
             for s, d, v in zip(fs.ncorr_source[fid][ok], fs.ncorr_dim[fid][ok], fs.ncorr_val[fid][ok])]
     assert [r.locator("td").all_inner_texts() for r in rows.all()] == want
+    # on a residual-stream site the dimensions are residual dimensions; the outliers are named
+    assert page.locator("#ncorr h2").inner_text() == "Correlated residual dimensions"
+    assert page.locator("#alignment h2").inner_text() == "Residual dimension alignment"
+    s_out = next(s for s, dims in enumerate(outliers) if dims)
+    note = page.locator("[data-panel=alignment] .outliers").inner_text()
+    assert f"{'AB'[s_out]} {outliers[s_out][0]}." in note and "left out of this ranking" in note
+    if fid == 0:
+        assert rows.first.locator(".outlier").count() == 1
     assert len(want) == cache.manifest.settings.n_corr_neurons
     s0 = int(fs.ncorr_source[fid][0])
     src = cache.manifest.sources[s0]
@@ -185,7 +194,7 @@ def test_new_panels_show_the_cache_values(world, page, fid):
         assert LABELS[str(i)] in page.locator("[data-panel=fcorr]").inner_text()
     # neuron alignment: the largest decoder entries and the share of the L1 norm they carry together
     rows = page.locator("[data-panel=alignment] table.neurons tbody tr")
-    want = [["AB"[s], str(d), fmt_num(float(v)), _pct(_f16(fr))] for s, d, v, fr in
+    want = [["AB"[s], str(d) + (" \u2691" if d in outliers[s] else ""), fmt_num(float(v)), _pct(_f16(fr))] for s, d, v, fr in
             zip(fs.align_source[fid], fs.align_dim[fid], fs.align_val[fid], fs.align_l1_frac[fid])]
     assert [r.locator("td").all_inner_texts() for r in rows.all()] == want
     total = sum(_f16(x) for x in fs.align_l1_frac[fid])
@@ -196,6 +205,67 @@ def test_new_panels_show_the_cache_values(world, page, fid):
     items.first.locator("a").click()
     page.wait_for_url(re.compile(rf"/sub/site/f/{target}/index\.html$"))
     page.wait_for_selector("html[data-ready]")
+
+
+def test_honest_feature_page(world, page):
+    """Small-sample flags, token positions, marked special tokens and sequence starts, neighbours with
+    their top tokens, centred logit effects and the B−A table."""
+    from atlas.render.features import WindowTokens, feature_facts
+    from atlas.render.pages import wilson_interval
+    from atlas.render.vocab import build_site_vocab
+
+    cache = world["cache"]
+    fs, ex, lg = cache.features, cache.examples, cache.logits
+    wb = cache.manifest.settings.window_before
+    # a feature with 3 active tokens: flagged, its correlations hidden, its density interval shown
+    assert int(fs.n_active[3]) == 3
+    _ready(page, world["bases"]["root"] + "f/3/index.html")
+    assert "only 3 active tokens (fewer than 10)" in page.locator("#low-count").inner_text()
+    for name in ("fcorr", "ncorr"):
+        body = page.locator(f"[data-panel={name}]")
+        assert body.locator(".low-count").inner_text().startswith("Hidden: a correlation over only 3 active tokens")
+        assert body.locator("li, tr").count() == 0
+    lo, hi = wilson_interval(3, cache.manifest.n_tokens)
+    assert f"(95% CI {_pct(lo)}–{_pct(hi)})" in page.locator("dl.facts").inner_text()
+    # feature 0: enough tokens, no flag
+    _ready(page, world["bases"]["root"] + "f/0/index.html")
+    assert page.locator("#low-count").count() == 0 and page.locator(".low-count").count() == 0
+    rows = page.locator("[data-panel=top] .ex")
+    n_top = int((ex.top_seq[0] >= 0).sum())
+    assert rows.locator(".expos").all_inner_texts() == [f"@{int(p)}" for p in ex.top_pos[0, :n_top]]
+    starts = 0
+    for e in range(n_top):
+        seq, pos = int(ex.top_seq[0, e]), int(ex.top_pos[0, e])
+        row = rows.nth(e)
+        window = [int(cache.tokens[seq, q]) for q in range(max(0, pos - wb), pos + 1)]
+        assert row.locator(".tok.special").count() >= window.count(0)  # BOS (id 0) is the special token
+        assert row.locator(".seqstart").count() == (1 if pos - wb <= 0 else 0)
+        if pos - wb <= 0:
+            starts += 1
+            nxt = row.locator(".seqstart + .tok")
+            assert "special" in nxt.get_attribute("class") and nxt.inner_text() == visible(cache.vocab[0])
+    assert starts > 0
+    # neighbours and correlated features show their top tokens (as the index has them)
+    vocab = build_site_vocab(cache)
+    facts = feature_facts(cache, WindowTokens(cache, vocab), 0, cache.manifest.n_features).facts
+    page.locator("[data-panel=neighbours] li .ntoks").first.wait_for()
+    checked = 0
+    for li in page.locator("[data-panel=neighbours] li, [data-panel=fcorr] li").all():
+        fid = int(li.get_attribute("data-id"))
+        want = [chip(vocab.strings[t]) for t in facts[fid].top_tokens[:3]]
+        got = li.locator(".ntoks .chip").all_inner_texts()
+        assert got == want, (fid, got, want)
+        checked += bool(want)
+    assert checked > 0
+    # centred logit effects: the subtracted mean per source; the B−A table's first rows
+    assert "Outlier residual dimensions" in page.locator("[data-panel=logits] .outliers").inner_text()
+    notes = page.locator("[data-panel=logits] .centred").all_inner_texts()
+    assert [n.split("(")[1].split(")")[0] for n in notes] == [_signed(float(m)) for m in lg.mean[0]]
+    diff = page.locator("[data-panel=logits] .logit-diff")
+    grows, shrinks = diff.locator("table.logit.pos tr"), diff.locator("table.logit.neg tr")
+    assert grows.count() == lg.diff_top_ids.shape[1]
+    assert grows.first.locator(".chip").inner_text() == chip(cache.vocab[int(lg.diff_top_ids[0, 0])])
+    assert shrinks.first.locator(".num").inner_text() == fmt_num(float(lg.diff_bot_vals[0, 0]))
 
 
 def test_hover_shows_next_token_logit(world, page):

@@ -47,6 +47,7 @@ def assert_logit_effects_through(tmp_path, world, projection: str, directions: t
     with torch.inference_mode():
         resid = proj(directions) - proj(torch.zeros(1, directions.shape[1]))
         effects = (resid * norm.weight) @ hf.lm_head.weight.T  # [F, V]
+        effects = effects - effects.mean(1, keepdim=True)  # centred over the vocabulary
     logits = np.load(tmp_path / "site.atlas-data" / "logits.npz")
     want = torch.topk(effects[:6], 4, dim=1)
     np.testing.assert_allclose(logits["top_vals"][:, 0, :4], want.values.numpy(), rtol=1e-4, atol=1e-5)

@@ -67,7 +67,7 @@ VALUES = {
     "features.density", "features.max_act", "features.mean_act", "features.dec_norm", "features.rel_norm",
     "features.dec_cos", "features.neighbour_cos", "features.align_val", "features.align_l1_frac",
     "features.ncorr_val", "features.fcorr_val", "examples.iv_width", "logits.top_vals", "logits.bot_vals",
-    "logits.hist_lo", "logits.hist_hi",
+    "logits.hist_lo", "logits.hist_hi", "logits.mean", "logits.diff_top_vals", "logits.diff_bot_vals",
 }
 
 
@@ -134,6 +134,11 @@ def test_ranked_ids_agree_unless_tied(caches):
         va = getattr(cpu.logits, vals)
         for f, s, j in zip(*np.nonzero(ia != ib)):
             assert np.isclose(va[f, s], va[f, s, j], rtol=RTOL, atol=ATOL).sum() >= 2, (ids, f, s, j)
+    for ids, vals in (("diff_top_ids", "diff_top_vals"), ("diff_bot_ids", "diff_bot_vals")):  # the B−A table
+        ia, ib = getattr(cpu.logits, ids), getattr(gpu.logits, ids)
+        va = getattr(cpu.logits, vals)
+        for f, j in zip(*np.nonzero(ia != ib)):
+            assert np.isclose(va[f], va[f, j], rtol=RTOL, atol=ATOL).sum() >= 2, (ids, f, j)
 
 
 def test_histograms_agree(caches):

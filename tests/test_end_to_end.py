@@ -130,7 +130,9 @@ def test_statistics_match_brute_force(built, tiny_world):
     L = cache.logits.top_ids.shape[-1]
     for j in range(F):
         for s in range(2):
-            e = effects[j, s]
+            raw = effects[j, s]
+            e = raw - raw.mean()  # centred over the vocabulary
+            np.testing.assert_allclose(cache.logits.mean[j, s], raw.mean(), rtol=1e-3, atol=1e-5)
             top = np.sort(e)[::-1][:L]
             bot = np.sort(e)[:L]
             np.testing.assert_allclose(cache.logits.top_vals[j, s], top, rtol=1e-3, atol=1e-5)

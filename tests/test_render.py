@@ -156,12 +156,60 @@ def test_feature_page_static_facts(tiny_site):
     assert '<p class="explanation">x &lt; y</p>' in html
     assert 'href="../1/index.html"' in html and 'id="prev"' not in html
     density = float(cache.features.density[0])
-    assert f'<dt>Density</dt><dd>{100 * density:.3g}%</dd>' in html
+    lo, hi = _score_interval(int(cache.features.n_active[0]), cache.manifest.n_tokens)
+    assert f'<dt>Density</dt><dd>{100 * density:.3g}% (95% CI {100 * lo:.3g}%–{100 * hi:.3g}%)</dd>' in html
+    # feature 0 has fewer than 10 active tokens: flagged, its correlations hidden (feature.js)
+    n0 = int(cache.features.n_active[0])
+    assert 0 < n0 < 10 and f"Low count: only {n0} active tokens (fewer than 10)" in html
+    busy = int(np.argmax(cache.features.n_active))
+    assert "Low count" not in (site / "f" / str(busy) / "index.html").read_text("utf-8")
     # every link is relative
     assert 'href="/' not in html and 'src="/' not in html
     # a dead feature says so and has no example panels
     dead = (site / "f" / "1" / "index.html").read_text("utf-8")
     assert "never fired" in dead and '<div id="panels" class="dead">' in dead
+
+
+def _score_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% score interval by brute force: the proportions p whose score test |k - n p| ≤ z √(n p (1-p))
+    does not reject, on a fine grid refined by bisection at both ends."""
+    def accepted(p):
+        return abs(k - n * p) <= z * np.sqrt(n * p * (1 - p)) + 1e-12
+    grid = np.linspace(0, 1, 200001)
+    ok = np.flatnonzero(np.abs(k - n * grid) <= z * np.sqrt(n * grid * (1 - grid)) + 1e-12)
+    ends = []
+    for inside, outside in ((grid[ok[0]], grid[max(ok[0] - 1, 0)]), (grid[ok[-1]], grid[min(ok[-1] + 1, len(grid) - 1)])):
+        for _ in range(60):
+            mid = (inside + outside) / 2
+            inside, outside = (mid, outside) if accepted(mid) else (inside, mid)
+        ends.append(inside)
+    return ends[0], ends[1]
+
+
+def test_min_active_option(tmp_path, capsys):
+    """--min-active sets the low-count threshold of the pages (meta.min_active); a negative one is refused."""
+    from atlas.cli import main
+
+    cache = _tiny_cache(tmp_path / "cache")
+    site = tmp_path / "site"
+    assert main(["render", str(cache), "-o", str(site), "--min-active", "3"]) in (0, None)
+    meta = json.loads((site / "data" / "meta.js").read_text("ascii")[len("Atlas.meta("):-3])
+    assert meta["min_active"] == 3
+    n0 = int(read_cache(cache).features.n_active[0])
+    assert ("Low count" in (site / "f" / "0" / "index.html").read_text("utf-8")) == (n0 < 3)
+    with pytest.raises(AtlasError, match="--min-active -1 is negative"):
+        render_site(cache, tmp_path / "other", min_active=-1)
+
+
+def test_wilson_interval_is_the_score_interval():
+    from atlas.render.pages import wilson_interval
+
+    for k, n in ((0, 50), (1, 12_675), (7, 350), (50, 100), (100, 100)):
+        lo, hi = wilson_interval(k, n)
+        want_lo, want_hi = _score_interval(k, n)
+        assert lo == pytest.approx(want_lo, abs=1e-9) and hi == pytest.approx(want_hi, abs=1e-9)
+        assert lo <= k / n <= hi
+    assert wilson_interval(0, 0) == (0.0, 0.0)
 
 
 def test_payload_matches_cache(tiny_site):
@@ -193,6 +241,15 @@ def test_payload_matches_cache(tiny_site):
     assert p["max"] == pytest.approx(float(cache.features.max_act[0]))
     # the hostile tokens are carried as plain strings
     assert set(HOSTILE_TOKENS) <= set(strings)
+
+
+def _site_strings(site: Path) -> list[str]:
+    meta = json.loads((site / "data" / "meta.js").read_text("ascii")[len("Atlas.meta("):-3])
+    assert meta["vocab"]["id_bytes"] == 2
+    strings = []
+    for k in range(meta["vocab"]["n_shards"]):
+        strings += read_chunk_script((site / "data" / "vocab" / f"{k}.js").read_bytes())[1]["s"]
+    return strings
 
 
 def _payload(site: Path, fid: int) -> dict:
@@ -230,6 +287,19 @@ def test_payload_optional_stats_match_cache(tiny_site):
             want = nl[valid][q > 0]
             assert np.array_equal(got, want.astype(np.float16))
             assert np.all(nl[valid][q == 0] == 0)  # nothing dropped: zero activation, zero contribution
+        # centred logit effects, the B−A table, active tokens and example positions
+        assert [lg["m"] for lg in p["lg"]] == cache.logits.mean[f].astype(np.float32).tolist()
+        lg = cache.logits
+        ids = {k: np.frombuffer(p["ld"][k], "<u2") for k in ("ti", "bi")}
+        strings = _site_strings(site)
+        assert [strings[i] for i in ids["ti"]] == [cache.vocab[i] for i in lg.diff_top_ids[f]]
+        assert [strings[i] for i in ids["bi"]] == [cache.vocab[i] for i in lg.diff_bot_ids[f]]
+        assert np.array_equal(np.frombuffer(p["ld"]["bv"], "<f4"), lg.diff_bot_vals[f])
+        assert p["na"] == int(fs.n_active[f])
+        assert np.frombuffer(p["tp"], "<u4").tolist() == ex.top_pos[f][ex.top_seq[f] >= 0].tolist()
+        assert np.frombuffer(p["ip"], "<u4").tolist() == ex.iv_pos[f][ex.iv_seq[f] >= 0].tolist()
+    meta = json.loads((site / "data" / "meta.js").read_text("ascii")[len("Atlas.meta("):-3])
+    assert meta["min_active"] == 10 and [_site_strings(site)[i] for i in meta["special"]] == [cache.vocab[0]]
     # feature 0's labels of its correlated features follow the site's labels
     p0 = _payload(site, 0)
     labels = {0: "Hostile <b>label</b> & co", 3: "numbers"}
@@ -572,3 +642,15 @@ def test_serve_serves_the_site_and_its_404(tmp_path):
         server.server_close()
     with pytest.raises(AtlasError, match="no atlas site"):
         make_server(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("key, value", [("special_ids", ["x"]), ("special_ids", 3), ("outlier_dims", [1, 2]),
+                                        ("outlier_dims", [[0.5]])])
+def test_bad_manifest_lists(tmp_path, key, value):
+    """A manifest whose special ids or outlier dimensions are not lists of integers is refused by name."""
+    cache = _tiny_cache(tmp_path / "cache")
+    m = json.loads((cache / "manifest.json").read_text("utf-8"))
+    m[key] = value
+    (cache / "manifest.json").write_text(json.dumps(m), "utf-8")
+    with pytest.raises(AtlasError, match=key):
+        render_site(cache, tmp_path / "site")

@@ -95,7 +95,12 @@ def _write_fixture(folder: Path) -> None:
             "optional": {key: [kind, _jsonable_list(np.frombuffer(p[key], dt))] for key, kind, dt in (
                 ("xs", "u2", "<u2"), ("xd", "u4", "<u4"), ("xv", "f2", "<f2"), ("fi", "u4", "<u4"),
                 ("fv", "f2", "<f2"), ("as", "u2", "<u2"), ("ad", "u4", "<u4"), ("av", "f4", "<f4"),
-                ("af", "f2", "<f2"), ("tn", "f2", "<f2"), ("in", "f2", "<f2"))},
+                ("af", "f2", "<f2"), ("tn", "f2", "<f2"), ("in", "f2", "<f2"), ("tp", "u4", "<u4"),
+                ("ip", "u4", "<u4"))},
+            # the B−A table (nested under ld) and the subtracted mean logit effect per source
+            "ld": {key: [reader, _jsonable_list(np.frombuffer(p["ld"][key], dt))] for key, reader, dt in (
+                ("ti", "ids", kind), ("bi", "ids", kind), ("tv", "f4", "<f4"), ("bv", "f4", "<f4"))},
+            "lg_mean": [lg["m"] for lg in p["lg"]], "na": p["na"],
             "n_active_ta": int((np.frombuffer(p["ta"], np.uint8) > 0).sum()),
             "n_active_ia": int((np.frombuffer(p["ia"], np.uint8) > 0).sum()),
         },

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from atlas.cache import Settings
-from atlas.stats import FeatureSummaries, decoder_norms, interval_keys, logit_effects, merge, nearest_neighbours
+from atlas.stats import (FeatureSummaries, decoder_norms, interval_keys, logit_effects, merge, nearest_neighbours,
+                         neuron_alignment, outlier_dims)
 from atlas.stats.intervals import power_of_two_exponent
 
 SETTINGS = Settings(top_k=4, n_intervals=3, interval_k=2, window_before=3, window_after=2, hist_bins=16,
@@ -223,14 +224,45 @@ def test_decoder_geometry_brute_force():
     assert (small["neighbours"][:, 2:] == -1).all() and np.isnan(small["neighbour_cos"][:, 2:]).all()
 
 
+def test_outlier_dimension_is_flagged_and_left_out_of_alignment():
+    """A planted massive dimension (the largest entry of every feature, as in a residual stream) is
+    flagged by the median rule and every ranking of the alignment is the brute-force ranking without it."""
+    g = torch.Generator().manual_seed(5)
+    F, S, d = 30, 2, 16
+    W = torch.randn(F, S, d, generator=g)
+    W[:, 1, 7] = 40 + torch.rand(F, generator=g)  # source B, dimension 7
+    W[:3, 0, 2] = 25.0  # large in three features only: its RMS stays under the bar
+    mask = outlier_dims(W)
+    rms = np.sqrt((W.numpy() ** 2).mean(0))
+    np.testing.assert_array_equal(mask, rms > 10 * np.median(rms, axis=1, keepdims=True))
+    assert mask.sum() == 1 and mask[1, 7]
+    plain = neuron_alignment(W, k=4)
+    assert (plain["align_source"][:, 0] == 1).all() and (plain["align_dim"][:, 0] == 7).all()
+    out = neuron_alignment(W, k=4, exclude=mask, block=64)  # several blocks
+    flat = W.reshape(F, -1).numpy()
+    allowed = ~mask.reshape(-1)
+    for f in range(F):
+        cols = np.flatnonzero(allowed)
+        want = cols[np.argsort(-np.abs(flat[f, cols]), kind="stable")[:4]]
+        got = out["align_source"][f] * d + out["align_dim"][f]
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(out["align_val"][f], flat[f, want], rtol=1e-6)
+        np.testing.assert_allclose(out["align_l1_frac"][f], np.abs(flat[f, want]) / np.abs(flat[f]).sum(), rtol=1e-5)
+    assert not outlier_dims(torch.randn(F, S, d, generator=g)).any()
+
+
 def test_logit_effects_brute_force():
     g = torch.Generator().manual_seed(2)
     W = torch.randn(9, 2, 6, generator=g)
     U = [torch.randn(6, 50, generator=g), torch.randn(6, 50, generator=g)]
     out = logit_effects(W, U, k=5, n_bins=7, max_elements=120)  # several chunks
+    effs = {}
     for f in range(9):
         for s in range(2):
-            eff = W[f, s].numpy() @ U[s].numpy()
+            raw = W[f, s].double().numpy() @ U[s].double().numpy()
+            assert out["mean"][f, s] == pytest.approx(raw.mean(), rel=1e-4, abs=1e-5)
+            eff = raw - raw.mean()  # centred over the vocabulary
+            effs[f, s] = eff
             order = np.argsort(-eff)
             np.testing.assert_array_equal(out["top_ids"][f, s], order[:5])
             np.testing.assert_allclose(out["top_vals"][f, s], eff[order[:5]], rtol=1e-5)
@@ -241,10 +273,19 @@ def test_logit_effects_brute_force():
             counts, _ = np.histogram(eff, bins=7, range=(eff.min(), eff.max()))
             assert out["hist_counts"][f, s].sum() == 50
             assert np.abs(out["hist_counts"][f, s] - counts).sum() <= 2  # float rounding at bin edges
+        diff = effs[f, 1] - effs[f, 0]  # the B−A table: growth of the centred effect from A's decoder to B's
+        order = np.argsort(-diff)
+        np.testing.assert_array_equal(out["diff_top_ids"][f], order[:5])
+        np.testing.assert_allclose(out["diff_top_vals"][f], diff[order[:5]], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(out["diff_bot_ids"][f], order[::-1][:5])
+        np.testing.assert_allclose(out["diff_bot_vals"][f], diff[order[::-1][:5]], rtol=1e-4, atol=1e-5)
     none = logit_effects(W, U, k=0, n_bins=7, max_elements=120)  # no top tokens: the histograms stay
     assert none["top_ids"].shape == (9, 2, 0) and none["bot_vals"].shape == (9, 2, 0)
     for name in ("hist_counts", "hist_lo", "hist_hi"):
         np.testing.assert_array_equal(none[name], out[name])
+    single = logit_effects(W[:, :1], U[:1], k=5, n_bins=7)  # one source: no B−A table
+    assert "diff_top_ids" not in single
+    np.testing.assert_array_equal(single["top_ids"][:, 0], out["top_ids"][:, 0])
 
 
 def test_low_precision_activations_fold_as_their_float32_values():

@@ -105,6 +105,9 @@ class FeaturePayload:
     - ``vs``: the vocab shards (``data/vocab/<k>.js``) holding every token above
     - ``dc`` (int): model-diff class, -1 none (S ≠ 2), 0 model-A-only, 1 shared, 2 model-B-only
       (:func:`diff_classes_of`; the thresholds are ``meta.rel_thresholds``)
+    - ``na`` (int): active tokens (the page hides correlations below ``meta.min_active``)
+    - ``tp``: bin uint32 LE the token position in its sequence of each top example's max token;
+      ``ip``: the same for the interval examples (position 0 is the sequence's first token)
 
     Optional keys, present only when the cache has the statistic (see ``atlas.cache``); entries the
     cache marks as missing (-1 / NaN) are dropped, so the arrays can be shorter than the settings say:
@@ -117,6 +120,10 @@ class FeaturePayload:
     - ``as``, ``ad``, ``av``, ``af``: neuron alignment, largest |entry| first: bin uint16 LE source,
       bin uint32 LE dimension, bin float32 LE signed decoder entry ``W_dec[f, s, i]``, bin float16 LE
       its share of the decoder's L1 norm
+    - ``lg[s].m`` (float): the mean effect over the vocabulary subtracted from every value of ``lg[s]``
+      (centred logit effects, ``LogitEffects.mean``)
+    - ``ld``: ``{ti, tv, bi, bv}`` the B−A table (S = 2): tokens whose centred effect grows most / shrinks
+      most from source A's decoder to source B's, ids and bin float32 LE differences
     - ``tn``: bin float16 LE next-token logit contributions of the top examples' tokens, only at the
       window positions whose ``ta`` is nonzero (elsewhere the activation, and so the contribution, is
       0), example by example, position by position, one value per source (``count(ta > 0) × S``);
@@ -360,6 +367,17 @@ def iter_features(cache: Cache, vocab: SiteVocab, start: int = 0, stop: int | No
         l_h = np.asarray(lg.hist_counts[a:b]).tolist()
         l_lo = np.asarray(lg.hist_lo[a:b], dtype=np.float32).tolist()
         l_hi = np.asarray(lg.hist_hi[a:b], dtype=np.float32).tolist()
+        l_mean = np.asarray(lg.mean[a:b], dtype=np.float32).tolist() if lg.mean is not None else None
+        has_ld = two and lg.diff_top_ids is not None and lg.diff_bot_ids is not None
+        if has_ld:
+            d_top = vocab.to_site(np.asarray(lg.diff_top_ids[a:b]))
+            d_bot = vocab.to_site(np.asarray(lg.diff_bot_ids[a:b]))
+            d_tv = np.asarray(lg.diff_top_vals[a:b], dtype="<f4")
+            d_bv = np.asarray(lg.diff_bot_vals[a:b], dtype="<f4")
+        else:
+            d_top = d_bot = np.zeros((n, 0), np.int64)
+        t_pos_b = t_pos.astype("<u4")
+        i_pos_b = i_pos.astype("<u4")
         # histogram and neighbours
         hist = np.asarray(fs.hist_counts[a:b])
         nb_ids = np.asarray(fs.neighbours[a:b]).astype(np.int64)
@@ -369,11 +387,14 @@ def iter_features(cache: Cache, vocab: SiteVocab, start: int = 0, stop: int | No
         nb_cos_b = nb_cos.astype("<f2")
         extra = _optional_block(cache, a, b, t_valid, t_q, i_valid, i_q)
         shards = shards_of_block(n, vocab.n_shards, vocab.shard_bits, [
-            (t_tok, t_valid[..., None]), (i_tok, i_valid[..., None]), (l_top, True), (l_bot, True)])
+            (t_tok, t_valid[..., None]), (i_tok, i_valid[..., None]), (l_top, True), (l_bot, True),
+            (d_top, True), (d_bot, True)])
         t_tok = t_tok.astype(id_dtype, copy=False)
         i_tok = i_tok.astype(id_dtype, copy=False)
         l_top = l_top.astype(id_dtype, copy=False)
         l_bot = l_bot.astype(id_dtype, copy=False)
+        d_top = d_top.astype(id_dtype, copy=False)
+        d_bot = d_bot.astype(id_dtype, copy=False)
 
         for j in range(n):
             f = facts[j]
@@ -404,7 +425,16 @@ def iter_features(cache: Cache, vocab: SiteVocab, start: int = 0, stop: int | No
                 "nc": nb_cos_b[j][nv].tobytes(),
                 "vs": shards[j],
                 "dc": f.diff_class,
+                "na": f.n_active,
+                "tp": t_pos_b[j][tv].tobytes(),
+                "ip": i_pos_b[j][iv].tobytes(),
             }
+            if l_mean is not None:
+                for s in range(S):
+                    obj["lg"][s]["m"] = l_mean[j][s]
+            if has_ld:
+                obj["ld"] = {"ti": d_top[j].tobytes(), "tv": d_tv[j].tobytes(), "bi": d_bot[j].tobytes(),
+                             "bv": d_bv[j].tobytes()}
             for key, rows in extra.items():
                 obj[key] = rows[j]
             yield f, FeaturePayload(obj)

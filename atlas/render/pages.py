@@ -78,6 +78,7 @@ class SiteInfo:
     rel_thresholds: tuple[float, float] = (0.3, 0.7)  # model-diff classes: A-only below, B-only above
     latent_scaling: bool = False  # the cache has latent scaling (two sources): pages and index show ν
     corpora: list[str] = field(default_factory=list)  # names of the named corpora (Manifest.corpora)
+    min_active: int = 10  # fewer active tokens: the page flags the feature and hides its correlations
 
 
 def feature_chrome(env: jinja2.Environment, site: SiteInfo) -> dict:
@@ -115,9 +116,25 @@ class FeaturePage:
     chrome: dict  # feature_chrome(...)
     latent_scaling: dict | None = None  # latent_scaling_panel(...) (two sources with latent scaling)
     root: str = FEATURE_ROOT
+    low_count: bool = False  # alive with fewer than min_active active tokens: flagged on the page
+    min_active: int = 10
+    n_active: int = 0
 
     def variables(self) -> dict:
         return self.__dict__
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion k / n (density: active tokens of counted tokens);
+    ``(0, 0)`` for n = 0. Unlike the normal approximation it stays inside [0, 1] and is honest for
+    k near 0, as for a rare feature."""
+    if n <= 0:
+        return 0.0, 0.0
+    p = k / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * ((p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def diff_badge(diff_class: int, thresholds: tuple[float, float]) -> dict | None:
@@ -161,7 +178,9 @@ def feature_page(site: SiteInfo, f: FeatureFacts, strings: list[str], label: Lab
         desc = f"Feature {f.id} of {site.title}: never active on the analysed tokens."
     if lab:
         desc = f"{lab}. {desc}"
-    facts = [("Density", fmt_pct(f.density)), ("Active tokens", f"{f.n_active:,}"), ("Max activation", fmt_num(f.max_act)),
+    lo, hi = wilson_interval(f.n_active, site.n_tokens)
+    density = fmt_pct(f.density) + (f" (95% CI {fmt_pct(lo)}–{fmt_pct(hi)})" if site.n_tokens > 0 else "")
+    facts = [("Density", density), ("Active tokens", f"{f.n_active:,}"), ("Max activation", fmt_num(f.max_act)),
              ("Mean when active", fmt_num(f.mean_act))]
     if len(site.sources) == 2:
         facts += [("Relative norm", fmt_num(f.rel_norm)), ("Decoder cosine", fmt_num(f.dec_cos))]
@@ -177,6 +196,7 @@ def feature_page(site: SiteInfo, f: FeatureFacts, strings: list[str], label: Lab
         payload=Markup(payload),  # base64: nothing to escape
         diff_badge=diff_badge(f.diff_class, site.rel_thresholds) if len(site.sources) == 2 else None,
         chrome=chrome, latent_scaling=latent_scaling_panel(site, f),
+        low_count=0 < f.n_active < site.min_active, min_active=site.min_active, n_active=f.n_active,
     )
 
 

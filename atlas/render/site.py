@@ -50,7 +50,7 @@ from .overview import OverviewData, extreme_features, nu_specific_count, overvie
 from .pages import IndexPage, NotFoundPage, OverviewPage, SiteInfo, feature_chrome, feature_page, make_environment
 from .search import TokenIndexBuilder, label_shard_files, token_shard_files
 from .sitefiles import MARKER, SiteMeta, features_csv, make_marker, sitemap_files
-from .vocab import build_site_vocab
+from .vocab import build_site_vocab, special_site_ids
 
 
 @dataclass
@@ -195,15 +195,19 @@ def _source_names(cache) -> list[str]:
 
 
 def render_site(cache_dir: Path, out: Path, *, title: str | None = None, labels: str | Path | None = None,
-                site_url: str | None = None, progress: bool | None = None, workers: int | None = None
-                ) -> RenderSummary:
+                site_url: str | None = None, progress: bool | None = None, workers: int | None = None,
+                min_active: int = 10) -> RenderSummary:
     """Render the site for the cache at ``cache_dir`` into ``out`` (replaced only when complete).
 
     ``labels``: a labels file (:mod:`atlas.render.labels`). ``site_url``: the public URL of the site,
     used only for absolute URLs in ``sitemap.xml``. ``progress``: show a progress bar (default: when
     stderr is a terminal). ``workers``: processes writing feature pages (default: one per CPU core, up
-    to 8, for large sites on Linux; the output does not depend on it).
+    to 8, for large sites on Linux; the output does not depend on it). ``min_active``: features with
+    fewer active tokens are flagged as low-count and their correlations hidden.
     """
+    if min_active < 0:
+        raise AtlasError(f"--min-active {min_active} is negative: pass a number of active tokens, e.g. 10 "
+                         "(0 shows every correlation)")
     if site_url is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", site_url):
         raise AtlasError(f"--site-url {site_url!r} is not an http(s) URL: pass the address the site is served "
                          "from, e.g. https://example.org/atlas/")
@@ -226,7 +230,7 @@ def render_site(cache_dir: Path, out: Path, *, title: str | None = None, labels:
     site = SiteInfo(title=_site_title(cache, title), has_diff=S >= 2, n_features=F, first_id=first,
                     sources=names, dataset=m.dataset, n_tokens=m.n_tokens, rel_thresholds=diff_thresholds(cache),
                     latent_scaling=S == 2 and cache.features.ls_nu_err is not None,
-                    corpora=corpus_names(cache))
+                    corpora=corpus_names(cache), min_active=int(min_active))
     vocab = build_site_vocab(cache)
     env = make_environment()
     workers = _default_workers(F) if workers is None else max(1, int(workers))
@@ -298,6 +302,9 @@ def _write_site_files(staged: StagedSite, env, cache, site: SiteInfo, vocab, fac
         "has_diff": site.has_diff,
         "rel_thresholds": list(site.rel_thresholds),
         "latent_scaling": has_ls,
+        "min_active": site.min_active,
+        "special": special_site_ids(cache, vocab),
+        "outlier_dims": m.outlier_dims,
     } | corpus_meta(cache))
     staged.write("data/meta.js", meta.to_bytes())
 

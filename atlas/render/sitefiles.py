@@ -51,7 +51,13 @@ class SiteMeta:
     (``{log10_min, log10_max, bins}`` of the activation histograms), ``vocab`` (``{size, shard_bits,
     n_shards, id_bytes}``), ``index`` (``{n_chunks, rows_per_chunk}``), ``search`` (``{token_shards,
     label_shards}``), ``has_labels``, ``has_diff``, ``rel_thresholds`` (``[a_only_below, b_only_above]``: the model-diff
-    class thresholds of the relative norm, ``features.diff_thresholds``). Only where the cache has them
+    class thresholds of the relative norm, ``features.diff_thresholds``), ``min_active`` (a feature with
+    fewer active tokens is flagged and its correlations hidden: ``atlas render --min-active``),
+    ``special`` (site ids of the tokenizer's special tokens, ``Manifest.special_ids``: marked in example
+    windows; empty for a cache without them), ``outlier_dims`` (per source, the decoder's outlier
+    dimensions, ``Manifest.outlier_dims``, flagged in the alignment and correlation tables; null when the
+    cache has none recorded).
+    Only where the cache has them
     (``features.corpus_meta``): ``corpora`` (``[{name, n_sequences, n_tokens}]``, the named corpora in the
     order of the index chunks' ``cd`` columns) and ``has_special`` (the chunks carry ``sp``).
     """

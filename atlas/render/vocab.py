@@ -89,13 +89,17 @@ class SiteVocab:
 
 
 def build_site_vocab(cache: Cache, shard_bits: int = SHARD_BITS) -> SiteVocab:
-    """Rank the tokens the site can show: by count in the corpus plus in logit tables, then by id."""
+    """Rank the tokens the site can show: by count in the corpus plus in logit tables (the B−A table
+    included), then by id."""
     V = len(cache.vocab)
     counts = np.zeros(V, dtype=np.int64)
     toks = np.asarray(cache.tokens).ravel()
     toks = toks[(toks >= 0) & (toks < V)]
     counts += np.bincount(toks, minlength=V)[:V]
-    for arr in (cache.logits.top_ids, cache.logits.bot_ids):
+    lg = cache.logits
+    for arr in (lg.top_ids, lg.bot_ids, lg.diff_top_ids, lg.diff_bot_ids):
+        if arr is None:  # the B−A table: optional
+            continue
         ids = np.asarray(arr).ravel()
         ids = ids[(ids >= 0) & (ids < V)]
         counts += np.bincount(ids, minlength=V)[:V]
@@ -106,3 +110,12 @@ def build_site_vocab(cache: Cache, shard_bits: int = SHARD_BITS) -> SiteVocab:
     orig_ids = np.concatenate([[-1], order]).astype(np.int64)
     strings = [""] + [cache.vocab[int(i)] for i in order]
     return SiteVocab(site_of=site_of, strings=strings, orig_ids=orig_ids, shard_bits=shard_bits)
+
+
+def special_site_ids(cache: Cache, vocab: SiteVocab) -> list[int]:
+    """Sorted site ids of the tokenizer's special tokens (``Manifest.special_ids``) that the site shows;
+    empty for a cache written before they were recorded."""
+    ids = np.asarray(cache.manifest.special_ids or [], dtype=np.int64)
+    ids = ids[(ids >= 0) & (ids < len(cache.vocab))]
+    site = vocab.to_site(ids)
+    return sorted(int(i) for i in set(site[site > 0].tolist()))

@@ -1,5 +1,5 @@
 """Decoder geometry: norms per source, relative norm, cosine and model-diff class for two sources,
-neuron alignment, nearest neighbours.
+outlier dimensions, neuron alignment, nearest neighbours.
 
 Writer: :mod:`atlas.analyze` (into ``atlas.cache.FeatureStats``). Computed from the weights alone.
 """
@@ -25,8 +25,29 @@ def diff_classes(rel_norm: np.ndarray, shared_lo: float, shared_hi: float) -> np
     return out
 
 
-def neuron_alignment(W_dec: torch.Tensor, k: int, block: int = 2**22) -> dict:
+OUTLIER_FACTOR = 10.0
+
+
+def outlier_dims(W_dec: torch.Tensor, factor: float = OUTLIER_FACTOR) -> np.ndarray:
+    """``mask[S, d]`` (bool): the outlier dimensions of each source's decoder.
+
+    Dimension i of source s is an outlier when the root mean square of its decoder entries over the
+    features, ``rms[s, i] = sqrt(mean_f W_dec[f, s, i]²)``, exceeds ``factor`` (10) times the median of
+    ``rms[s, :]`` over that source's dimensions. The median makes the rule robust: a handful of
+    massive residual-stream dimensions (the kind that is the largest decoder entry of nearly every
+    feature) cannot raise the bar they are measured against, while the spread of ordinary dimensions
+    stays far below ten times the typical one.
+    """
+    rms = W_dec.float().pow(2).mean(dim=0).sqrt()  # [S, d]
+    med = rms.median(dim=1, keepdim=True).values
+    return (rms > factor * med).cpu().numpy()
+
+
+def neuron_alignment(W_dec: torch.Tensor, k: int, block: int = 2**22, exclude: np.ndarray | None = None) -> dict:
     """The ``k`` decoder entries of largest magnitude per feature, over all sources and dimensions.
+
+    ``exclude[S, d]`` (bool, e.g. :func:`outlier_dims`): dimensions left out of the ranking (their
+    entries still count in the L1 norm the shares are taken of).
 
     ``align_source[F, k]``, ``align_dim[F, k]`` (int32), ``align_val[F, k]`` (the signed entry
     ``W_dec[f, s, i]``) and ``align_l1_frac[F, k]`` = |W_dec[f, s, i]| / Σ_s,i |W_dec[f, s, i]| (its share
@@ -41,15 +62,21 @@ def neuron_alignment(W_dec: torch.Tensor, k: int, block: int = 2**22) -> dict:
     val = np.full((F, k), np.nan, np.float32)
     frac = np.full((F, k), np.nan, np.float32)
     rows = max(1, block // max(D, 1))
+    keep = None
+    if exclude is not None and np.asarray(exclude).any():
+        keep = torch.as_tensor(~np.asarray(exclude, dtype=bool).reshape(-1), device=W_dec.device)
+        m = min(m, int(keep.sum()))
     for lo in range(0, F, rows):
         w = W_dec[lo:lo + rows].reshape(-1, D).float()
-        top = w.abs().topk(m, dim=1)
         l1 = w.abs().sum(1, keepdim=True)
+        mag = w.abs() if keep is None else torch.where(keep, w.abs(), -1.0)  # excluded: never ranked
+        top = mag.topk(m, dim=1)
         hi = lo + w.shape[0]
         src[lo:hi, :m] = (top.indices // d).cpu().numpy()
         dim[lo:hi, :m] = (top.indices % d).cpu().numpy()
         val[lo:hi, :m] = w.gather(1, top.indices).cpu().numpy()
-        frac[lo:hi, :m] = torch.where(l1 > 0, top.values / l1.clamp_min(1e-30), torch.nan).cpu().numpy()
+        frac[lo:hi, :m] = torch.where(l1 > 0, w.abs().gather(1, top.indices) / l1.clamp_min(1e-30),
+                                      torch.nan).cpu().numpy()
     return {"align_source": src, "align_dim": dim, "align_val": val, "align_l1_frac": frac}
 
 

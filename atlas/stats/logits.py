@@ -37,16 +37,22 @@ def logit_effects(W_dec: torch.Tensor, unembeddings: list[torch.Tensor], k: int,
                   window_before: int = 0) -> dict:
     """``W_dec[F, S, d]`` and per source ``U_s[d, V]`` → arrays of ``LogitEffects``.
 
-    Effect of f on token t via s: ``W_dec[f, s] @ U_s[:, t]``. Top/bottom ``k`` tokens (largest first /
-    most negative first) and a histogram of all V effects in ``n_bins`` equal bins between the feature's
-    min and max (everything in bin 0 when they are equal).
+    Effect of f on token t via s, centred over the vocabulary: ``e[t] = W_dec[f, s] @ U_s[:, t] - mean``
+    with ``mean[f, s]`` the mean of the raw effect over the V tokens (a shift every logit gets alike,
+    which the softmax ignores; kept as ``mean``). Top/bottom ``k`` tokens of the centred effect (largest
+    first / most negative first) and a histogram of all V centred effects in ``n_bins`` equal bins
+    between the feature's min and max (everything in bin 0 when they are equal). For S = 2 also the
+    B−A table: the ``k`` tokens whose centred effect grows most (``diff_top_*``, largest first) and
+    shrinks most (``diff_bot_*``, most negative first) from source 0's decoder to source 1's,
+    ``e_1[t] - e_0[t]``.
 
     ``windows`` maps output names to example windows ``(seq[F, ...], pos[F, ...], acts[F, ..., W])``
     into the corpus ``tokens[N, T]`` (windows start ``window_before`` tokens before ``pos``). The output
     ``name[F, ..., W, S]`` (float16) is each window token's activation × the feature's effect via s on
     the logit of the token that follows it (:func:`next_token_ids`; 0 where there is none), read off
-    the same chunks. ``max_elements`` bounds the ``[features, V]`` effects held at once (default: 2**22
-    on a CPU, 2**26 on a GPU).
+    the same chunks (the raw effect, not centred: what the token's logit actually received).
+    ``max_elements`` bounds the ``[features, V]`` effects held at once (default: 2**22 on a CPU, 2**26
+    on a GPU).
     """
     F, S, _ = W_dec.shape
     V = min(U.shape[1] for U in unembeddings)
@@ -57,44 +63,71 @@ def logit_effects(W_dec: torch.Tensor, unembeddings: list[torch.Tensor], k: int,
         "hist_counts": np.zeros((F, S, n_bins), np.int64),
         "hist_lo": np.zeros((F, S), np.float32), "hist_hi": np.zeros((F, S), np.float32),
     }
+    out["mean"] = np.zeros((F, S), np.float32)
+    two = S == 2
+    if two:
+        for key in ("diff_top", "diff_bot"):
+            out[key + "_ids"] = np.zeros((F, k), np.int32)
+            out[key + "_vals"] = np.zeros((F, k), np.float32)
     windows = windows or {}
     for name, (_, _, acts) in windows.items():
         out[name] = np.zeros(tuple(acts.shape) + (S,), np.float16)
     if max_elements is None:  # effects computed at once: cache-sized on a CPU; on a GPU, few launches
         max_elements = 2**22 if unembeddings[0].device.type == "cpu" else 2**26
     chunk = max(1, max_elements // V)
-    for s, U in enumerate(unembeddings):
-        U = U[:, :V].float()
-        dev = U.device
-        if windows:
-            tok = torch.as_tensor(np.asarray(tokens), dtype=torch.int64).to(dev)
-        for lo in range(0, F, chunk):
-            hi = min(lo + chunk, F)
-            c = hi - lo
-            eff = W_dec[lo:hi, s].to(dev, torch.float32) @ U  # [c, V]
-            top = eff.topk(max(k, 1), dim=1, sorted=True)
-            bot = eff.topk(max(k, 1), dim=1, largest=False, sorted=True)
-            mn, mx = bot.values[:, 0], top.values[:, 0]  # sorted: the extremes come first
-            span = mx - mn
-            inv = torch.where(span > 0, n_bins / span.clamp_min(1e-30), 0.0)
-            # int32 bin indices (c · n_bins < 2**31): half the memory traffic of int64
-            bins = eff.sub(mn[:, None]).mul_(inv[:, None]).to(torch.int32).clamp_(0, n_bins - 1)
-            bins += (torch.arange(c, dtype=torch.int32, device=dev) * n_bins)[:, None]
-            counts = torch.bincount(bins.view(-1), minlength=c * n_bins).view(c, n_bins)
-            out["top_ids"][lo:hi, s] = top.indices[:, :k].cpu().numpy()
-            out["top_vals"][lo:hi, s] = top.values[:, :k].cpu().numpy()
-            out["bot_ids"][lo:hi, s] = bot.indices[:, :k].cpu().numpy()
-            out["bot_vals"][lo:hi, s] = bot.values[:, :k].cpu().numpy()
-            out["hist_counts"][lo:hi, s] = counts.cpu().numpy()
-            out["hist_lo"][lo:hi, s] = mn.cpu().numpy()
-            out["hist_hi"][lo:hi, s] = mx.cpu().numpy()
+    Us = [U[:, :V].float() for U in unembeddings]
+    dev = Us[0].device
+    tok = torch.as_tensor(np.asarray(tokens), dtype=torch.int64).to(dev) if windows else None
+    for lo in range(0, F, chunk):
+        hi = min(lo + chunk, F)
+        c = hi - lo
+        first = None
+        for s, U in enumerate(Us):
+            raw = W_dec[lo:hi, s].to(U.device, torch.float32) @ U  # [c, V]
+            mean = raw.mean(dim=1, keepdim=True)
+            eff = (raw - mean).to(dev)
+            out["mean"][lo:hi, s] = mean[:, 0].cpu().numpy()
+            _extremes(out, eff, s, lo, hi, k, n_bins)
             for name, (seq, pos, acts) in windows.items():
                 a = torch.as_tensor(np.asarray(acts[lo:hi]), device=dev).float()
                 i = next_token_ids(tok, seq[lo:hi], pos[lo:hi], window_before, a.shape[-1] - 1 - window_before)
-                e = eff.gather(1, i.clamp(0, V - 1).reshape(c, -1)).view(i.shape)
+                e = raw.to(dev).gather(1, i.clamp(0, V - 1).reshape(c, -1)).view(i.shape)
                 hover = torch.where(i >= 0, e * a, 0.0).clamp(-FP16_MAX, FP16_MAX)
                 out[name][lo:hi, ..., s] = hover.to(torch.float16).cpu().numpy()
+            if two and s == 0:
+                first = eff
+            elif two and k > 0:
+                diff = eff - first
+                top = diff.topk(k, dim=1, sorted=True)
+                bot = diff.topk(k, dim=1, largest=False, sorted=True)
+                out["diff_top_ids"][lo:hi] = top.indices.cpu().numpy()
+                out["diff_top_vals"][lo:hi] = top.values.cpu().numpy()
+                out["diff_bot_ids"][lo:hi] = bot.indices.cpu().numpy()
+                out["diff_bot_vals"][lo:hi] = bot.values.cpu().numpy()
     return out
+
+
+def _extremes(out: dict, eff: torch.Tensor, s: int, lo: int, hi: int, k: int, n_bins: int) -> None:
+    """Top/bottom ``k`` tokens and the histogram of the effects ``eff[c, V]`` of features ``lo..hi`` via
+    source ``s``, into ``out``."""
+    c = hi - lo
+    dev = eff.device
+    top = eff.topk(max(k, 1), dim=1, sorted=True)
+    bot = eff.topk(max(k, 1), dim=1, largest=False, sorted=True)
+    mn, mx = bot.values[:, 0], top.values[:, 0]  # sorted: the extremes come first
+    span = mx - mn
+    inv = torch.where(span > 0, n_bins / span.clamp_min(1e-30), 0.0)
+    # int32 bin indices (c · n_bins < 2**31): half the memory traffic of int64
+    bins = eff.sub(mn[:, None]).mul_(inv[:, None]).to(torch.int32).clamp_(0, n_bins - 1)
+    bins += (torch.arange(c, dtype=torch.int32, device=dev) * n_bins)[:, None]
+    counts = torch.bincount(bins.view(-1), minlength=c * n_bins).view(c, n_bins)
+    out["top_ids"][lo:hi, s] = top.indices[:, :k].cpu().numpy()
+    out["top_vals"][lo:hi, s] = top.values[:, :k].cpu().numpy()
+    out["bot_ids"][lo:hi, s] = bot.indices[:, :k].cpu().numpy()
+    out["bot_vals"][lo:hi, s] = bot.values[:, :k].cpu().numpy()
+    out["hist_counts"][lo:hi, s] = counts.cpu().numpy()
+    out["hist_lo"][lo:hi, s] = mn.cpu().numpy()
+    out["hist_hi"][lo:hi, s] = mx.cpu().numpy()
 
 
 def example_windows(arrays: dict, which: str) -> dict:

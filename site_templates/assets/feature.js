@@ -5,8 +5,11 @@
  * top examples and interval groups (tokens shaded by activation, the max token marked .tok.max, hover
  * shows the value and, when the cache has it, the token's contribution to the next token's logit),
  * activation histogram, logit tables and histograms, decoder norms, nearest features, and, when the
- * cache has them, neuron alignment, correlated neurons and correlated features. Also: copy permalink,
- * embed code, j/k and arrow keys for previous/next.
+ * cache has them, neuron alignment, correlated neurons and correlated features. Every example shows
+ * its token position; special tokens (document breaks, chat markers) and the sequence start are marked.
+ * Nearest and correlated features show their top tokens (from the index chunks). Correlations are
+ * hidden for a feature with fewer than meta.min_active active tokens. Also: copy permalink, embed
+ * code, j/k and arrow keys for previous/next.
  */
 (function () {
   "use strict";
@@ -46,8 +49,9 @@
     if (p.nb && p.nb.byteLength) box.appendChild(section("neighbours", "Nearest features by decoder cosine"));
     if (present(p.fi, dead)) box.appendChild(section("fcorr", "Correlated features"));
     var grid2 = A.el("div", "grid");
-    if (present(p.av, dead)) grid2.appendChild(section("alignment", "Neuron alignment"));
-    if (present(p.xv, dead)) grid2.appendChild(section("ncorr", "Correlated neurons"));
+    var word = dimWord(), Word = word.charAt(0).toUpperCase() + word.slice(1);
+    if (present(p.av, dead)) grid2.appendChild(section("alignment", Word + " alignment"));
+    if (present(p.xv, dead)) grid2.appendChild(section("ncorr", "Correlated " + word + "s"));
     if (grid2.firstChild) box.appendChild(grid2);
   }
   /** An optional payload array: shown when the cache has it (key present), unless empty on a dead feature. */
@@ -57,6 +61,27 @@
     var src = M.sources[s] || { model: "source " + s, site: "" };
     return (M.sources.length === 2 ? "AB"[s] + " \u00b7 " : "") + src.model + " \u00b7 " + src.site;
   }
+  /** What a dimension of the sources' activations is: a residual dimension on a residual-stream site
+   * (resid_*, attn_out, mlp_out), a neuron on an MLP's hidden layer (mlp.hook_post), a head dimension
+   * on hook_z. */
+  function dimWord() {
+    var site = (M.sources[0] || {}).site || "";
+    if (/mlp\.hook_post/.test(site)) return "neuron";
+    if (/hook_z/.test(site)) return "head dimension";
+    return "residual dimension";
+  }
+  function isOutlier(s, dim) {
+    var o = M.outlier_dims && M.outlier_dims[s];
+    return !!o && o.indexOf(dim) >= 0;
+  }
+  function outlierNote() {
+    var o = M.outlier_dims, parts = [];
+    if (!o) return null;
+    o.forEach(function (dims, s) { dims.forEach(function (d) { parts.push((sourceShort(s) ? sourceShort(s) + " " : "") + d); }); });
+    if (!parts.length) return null;
+    return "Outlier " + dimWord() + "s (\u2691: RMS over all features above 10\u00d7 the median dimension's, " +
+      "the kind that is the largest entry of nearly every feature): " + parts.join(", ") + ".";
+  }
   function sourceShort(s) { return M.sources.length === 2 ? "AB"[s] : M.sources.length > 2 ? "s" + s : ""; }
   function signed(x) { return (x > 0 ? "+" : x < 0 ? "\u2212" : "") + A.fmt(Math.abs(x)); }
 
@@ -64,6 +89,7 @@
     var list = A.el("ol", cls);
     for (var i = 0; i < ids.length; i++) {
       var li = A.el("li"), id = ids[i];
+      li.setAttribute("data-id", id);
       if (id >= M.first_id && id < M.first_id + M.n_features) {
         var a = A.el("a", null, id);
         a.href = A.featureHref(id);
@@ -87,7 +113,12 @@
       var src = A.el("td", "src", sourceShort(r[0]) || sourceName(r[0]));
       src.title = sourceName(r[0]);
       row.appendChild(src);
-      row.appendChild(A.el("td", "num dim", r[1]));
+      var dc = A.el("td", "num dim", r[1]);
+      if (isOutlier(r[0], r[1])) {
+        dc.appendChild(A.el("span", "outlier", " \u2691"));
+        dc.title = "outlier dimension";
+      }
+      row.appendChild(dc);
       for (var k = 2; k < r.length; k++) row.appendChild(A.el("td", "num", r[k]));
       tb.appendChild(row);
     });
@@ -95,9 +126,17 @@
     return t;
   }
 
+  /** True (and a note in ``body``) when the feature has too few active tokens for its correlations. */
+  function tooFew(p, body) {
+    var min = M.min_active || 0;
+    if (p.na === undefined || p.na >= min || p.na === 0) return false;
+    body.appendChild(A.el("p", "empty low-count", "Hidden: a correlation over only " + p.na + " active token" +
+      (p.na === 1 ? "" : "s") + " (fewer than " + min + ") says little."));
+    return true;
+  }
   function drawCorrelatedFeatures(p) {
     var body = panel("fcorr");
-    if (!body) return;
+    if (!body || tooFew(p, body)) return;
     var ids = A.u32(p.fi), r = A.f16(p.fv);
     if (!ids.length) { body.appendChild(A.el("p", "empty", "No correlated features.")); return; }
     body.appendChild(featureLinks(ids, r, p.fl || [], "neighbours fcorr"));
@@ -106,13 +145,16 @@
   }
   function drawCorrelatedNeurons(p) {
     var body = panel("ncorr");
-    if (!body) return;
+    if (!body || tooFew(p, body)) return;
     var src = A.u16(p.xs), dim = A.u32(p.xd), r = A.f16(p.xv), rows = [];
     for (var i = 0; i < r.length; i++) rows.push([src[i], dim[i], A.fmt(r[i])]);
     if (!rows.length) { body.appendChild(A.el("p", "empty", "No correlated neurons.")); return; }
-    body.appendChild(neuronTable("ncorr", ["Source", "Neuron", "Pearson r"], rows));
+    var word = dimWord();
+    body.appendChild(neuronTable("ncorr", ["Source", word.charAt(0).toUpperCase() + word.slice(1), "Pearson r"], rows));
     body.appendChild(A.el("p", "note", "Dimensions of the sources' activations (as read from the model) with the " +
       "largest |Pearson correlation| with the feature's activation over all counted tokens."));
+    var o = outlierNote();
+    if (o) body.appendChild(A.el("p", "note outliers", o));
   }
   function drawAlignment(p) {
     var body = panel("alignment");
@@ -124,6 +166,8 @@
     }
     if (!rows.length) { body.appendChild(A.el("p", "empty", "No decoder entries.")); return; }
     body.appendChild(neuronTable("alignment", ["Source", "Dim", "W_dec", "Share"], rows));
+    var o = outlierNote();
+    if (o) body.appendChild(A.el("p", "note outliers", o + " They are left out of this ranking."));
     var note = A.el("p", "note", "The " + rows.length + " largest decoder entries W_dec[f, s, i] carry ");
     var strong = A.el("strong", "align-total", A.pct(total));
     note.appendChild(strong);
@@ -134,22 +178,28 @@
   function drawNeighbours(p) {
     var body = panel("neighbours");
     if (!body) return;
-    var ids = A.u32(p.nb), cos = A.f16(p.nc), labels = p.nl || [];
-    var list = A.el("ol", "neighbours");
-    for (var i = 0; i < ids.length; i++) {
-      var li = A.el("li"), id = ids[i];
-      if (id >= M.first_id && id < M.first_id + M.n_features) {
-        var a = A.el("a", null, id);
-        a.href = A.featureHref(id);
-        li.appendChild(a);
-      } else {
-        li.appendChild(A.el("span", null, id));
-      }
-      li.appendChild(A.el("span", "num", A.fmt(cos[i])));
-      if (labels[i]) li.appendChild(A.el("span", "nlabel", labels[i]));
-      list.appendChild(li);
-    }
-    body.appendChild(list);
+    body.appendChild(featureLinks(A.u32(p.nb), A.f16(p.nc), p.nl || [], "neighbours"));
+  }
+  /** Each listed feature (``li[data-id]`` of the neighbour and correlated-feature lists) gets its top
+   * tokens from the index chunk that holds it (data/index/<k>.js, atlas/render/index.py IndexChunk). */
+  function addTopTokens() {
+    var items = main.querySelectorAll("ol.neighbours li[data-id]"), byChunk = {};
+    items.forEach(function (li) {
+      var id = +li.getAttribute("data-id");
+      if (id < M.first_id || id >= M.first_id + M.n_features) return;
+      var k = Math.floor((id - M.first_id) / M.index.rows_per_chunk);
+      (byChunk[k] = byChunk[k] || []).push(li);
+    });
+    Object.keys(byChunk).forEach(function (k) {
+      A.load("index/" + k).then(function (c) {
+        var tt = A.u16(c.tt);
+        byChunk[k].forEach(function (li) {
+          var r = +li.getAttribute("data-id") - c.start, box = A.el("span", "ntoks");
+          for (var j = 0; j < 3; j++) if (tt[r * 3 + j]) box.appendChild(A.el("span", "chip", c.ts[tt[r * 3 + j] - 1]));
+          if (box.firstChild) li.insertBefore(box, li.querySelector(".nlabel"));
+        });
+      }, function () { /* the top tokens are an extra: the list stands without them */ });
+    });
   }
   function svg(tag, attrs) {
     var e = doc.createElementNS(NS, tag);
@@ -176,20 +226,37 @@
     return parts.join(" \u00b7 ");
   }
 
-  function drawExamples(container, tok, q, centre, maxAct, first, count, centreIndex, centreClass, nl) {
+  var special = {};
+  (M.special || []).forEach(function (id) { special[id] = true; });
+
+  function drawExamples(container, tok, q, centre, maxAct, first, count, centreIndex, centreClass, nl, pos) {
     var W = M.window, frag = doc.createDocumentFragment();
     var starts = nl ? nextStarts(q, first + count) : null;
     for (var e = first; e < first + count; e++) {
       var off = starts ? starts[e] : 0;
       var row = A.el("div", "ex");
       row.appendChild(A.el("span", "exval", A.fmt(centre[e])));
+      var at = pos ? pos[e] : -1;
+      if (pos) {
+        var pe = A.el("span", "expos", "@" + at);
+        pe.title = "position of the marked token in its sequence (0 = the sequence's first token)";
+        row.appendChild(pe);
+      }
       var line = A.el("span", "line");
       for (var p = 0; p < W; p++) {
         var id = tok[e * W + p];
         if (!id) continue;
         var qa = q[e * W + p];
         var isMax = p === centreIndex;
-        var span = A.el("span", isMax ? "tok " + centreClass : "tok", A.visible(A.tok(id)));
+        var cls = isMax ? "tok " + centreClass : "tok";
+        if (special[id]) cls += " special";
+        if (pos && at - centreIndex + p === 0) {
+          var st = A.el("span", "seqstart", "start");
+          st.title = "start of the sequence";
+          line.appendChild(st);
+        }
+        var span = A.el("span", cls, A.visible(A.tok(id)));
+        if (special[id]) span.title = "special token (a document break, BOS or chat-template marker)";
         var value = isMax ? centre[e] : (qa * maxAct) / 255;
         if (qa) span.style.backgroundColor = "rgba(255,112,0," + (0.08 + 0.82 * qa / 255).toFixed(3) + ")";
         span.setAttribute("data-v", qa ? (isMax ? A.fmt(value, 4) : "\u2248" + A.fmt(value)) : "0");
@@ -217,7 +284,8 @@
     var tok = A.ids(p.tt), q = A.u8(p.ta), val = A.f32(p.tv), n = val.length;
     if (!n) { body.appendChild(A.el("p", "empty", "No examples.")); return; }
     var box = A.el("div", "examples");
-    drawExamples(box, tok, q, val, p.max, 0, n, M.window_before, "max", p.tn ? A.f16(p.tn) : null);
+    drawExamples(box, tok, q, val, p.max, 0, n, M.window_before, "max", p.tn ? A.f16(p.tn) : null,
+      p.tp ? A.u32(p.tp) : null);
     body.appendChild(box);
   }
 
@@ -237,7 +305,8 @@
       head.appendChild(A.el("span", "sub", " " + Math.round(100 * lo / p.max) + "\u2013" + Math.round(100 * hi / p.max) + "% of max \u00b7 " + counts[g] + " sampled"));
       grp.appendChild(head);
       var box = A.el("div", "examples");
-      drawExamples(box, tok, q, val, p.max, starts[g], counts[g], M.window_before, "centre", nl);
+      drawExamples(box, tok, q, val, p.max, starts[g], counts[g], M.window_before, "centre", nl,
+        p.ip ? A.u32(p.ip) : null);
       grp.appendChild(box);
       body.appendChild(grp);
     }
@@ -328,8 +397,27 @@
         });
         barChart(box, { bins: bins, ticks: [{ at: 0, text: A.fmt(l.lo) }, { at: 1, text: A.fmt(l.hi) }], label: "Histogram of logit effects" });
       }
+      if (l.m !== undefined && l.m !== null) {
+        box.appendChild(A.el("p", "note centred", "Centred: the mean effect over the vocabulary (" + signed(l.m) +
+          ") is subtracted from every value; it shifts every logit alike and moves no probability."));
+      }
       body.appendChild(box);
     });
+    var o = outlierNote();
+    if (o && /^residual/.test(dimWord())) {
+      body.appendChild(A.el("p", "note outliers", o + " Their entries count in these effects, and a " +
+        "direction shared by many decoders puts the same tokens near the top of many features' lists."));
+    }
+    if (p.ld) {
+      var diff = A.el("div", "logit-source logit-diff");
+      diff.appendChild(A.el("h3", null, "B − A: how the effect changes from A's decoder to B's"));
+      var t2 = A.el("div", "tables");
+      t2.appendChild(tokenTable("Grows in B", A.ids(p.ld.ti), A.f32(p.ld.tv), "pos"));
+      t2.appendChild(tokenTable("Shrinks in B", A.ids(p.ld.bi), A.f32(p.ld.bv), "neg"));
+      diff.appendChild(t2);
+      diff.appendChild(A.el("p", "note", "Centred effect via B's decoder minus centred effect via A's, per token."));
+      body.appendChild(diff);
+    }
   }
 
   function drawDecoder(p) {
@@ -491,6 +579,7 @@
     drawCorrelatedFeatures(p);
     drawAlignment(p);
     drawCorrelatedNeurons(p);
+    addTopTokens();
     A.readyAt = performance.now();
     doc.documentElement.setAttribute("data-ready", "1");
   }).catch(fail);

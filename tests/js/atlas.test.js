@@ -82,6 +82,13 @@ test("decodes the optional statistics of a feature payload and the index classes
       else assert.ok(Math.abs(got[i] - w) <= Math.abs(w) * 1e-6 + 1e-12, `${key}[${i}]: ${got[i]} vs ${w}`);
     });
   }
+  for (const [key, [kind, want]] of Object.entries(exp.ld)) {
+    const got = Array.from(kind === "ids" ? Atlas.ids(p.ld[key]) : readers[kind](p.ld[key]));
+    assert.equal(got.length, want.length, "ld." + key);
+    want.forEach((w, i) => assert.ok(Math.abs(got[i] - w) <= Math.abs(w) * 1e-6 + 1e-12, `ld.${key}[${i}]`));
+  }
+  assert.deepEqual(p.lg.map((l) => l.m), exp.lg_mean);
+  assert.equal(p.na, exp.na);
   // one value per source at each window position with a nonzero quantised activation
   assert.equal(exp.optional.tn[1].length, exp.n_active_ta * exp.n_sources);
   assert.equal(exp.optional.in[1].length, exp.n_active_ia * exp.n_sources);
