@@ -287,7 +287,7 @@ def make_synthetic_cache(
     )
     if optional_stats:
         _add_optional_stats(np.random.default_rng([seed, 1]), st, features, examples, tokens, dead, D_MODEL,
-                            feature_offset)
+                            feature_offset, latent_scaling=latent_scaling)
     if latent_scaling and S == 2:
         _add_latent_scaling(np.random.default_rng([seed, 2]), st, features, dead)
 
@@ -381,7 +381,7 @@ def _next_logits(seq, pos, window, tokens, f_ids, dec_norm, wb: int, block: int 
 
 
 def _add_optional_stats(rng, st: Settings, fs: FeatureStats, ex: Examples, tokens: np.ndarray, dead: np.ndarray,
-                        d_model: int, feature_offset: int) -> None:
+                        d_model: int, feature_offset: int, latent_scaling: bool = False) -> None:
     """Fill the optional fields of ``fs`` and ``ex`` (see the module docstring) in place."""
     F, S = fs.dec_norm.shape
     rel = fs.rel_norm
@@ -443,7 +443,7 @@ def _add_optional_stats(rng, st: Settings, fs: FeatureStats, ex: Examples, token
             ex.iv_next_logit = _next_logits(ex.iv_seq, ex.iv_pos, ex.iv_window, tokens, f_ids, fs.dec_norm, wb)
     # latent scaling (two sources): β fits near 1 for the own model, smaller for the other as the decoder
     # leans to one side; ν = β(other)/β(own) along the own decoder; NaN for dead features
-    if S == 2:
+    if S == 2 and latent_scaling:
         st.latent_scaling = True
         own = fs.dec_norm.argmax(axis=1)
         beta = {}
