@@ -154,7 +154,7 @@ class FeatureEncoder:
             else:
                 f = self.crosscoder.encode(x.reshape(B * T, S, d))
             if self.whole:
-                f = f[:, self.first:self.stop]
+                f = f[:, self.first:self.stop].contiguous()  # the summaries read it as one buffer
         return f.reshape(B, T, self.n)
 
 
