@@ -80,6 +80,7 @@ class AnalysisOptions:
     logit_hist_bins: int = 40
     n_neighbours: int = 10
     n_align: int = 10  # neuron alignment: largest decoder entries per feature
+    outlier_factor: float = 5.0  # outlier dimensions: decoder RMS above this × the median one's (0: none)
     neuron_correlations: bool = True  # correlated neurons: a float32 [F, S·d] sum on the device
     n_corr_neurons: int = 10  # correlated neurons kept per feature
     corr_candidates: int = 16  # nearest decoder neighbours each feature's correlation is computed with
@@ -250,6 +251,12 @@ def inputs_fingerprint(crosscoder, sources, tokens: torch.Tensor, options: Analy
     }
     h.update(json.dumps(meta, sort_keys=True).encode())
     return h.hexdigest()
+
+
+def check_outlier_factor(factor: float) -> None:
+    """Refuse an ``--outlier-factor`` below 0 (or NaN)."""
+    if not factor >= 0:
+        raise AtlasError(f"--outlier-factor must be 0 (no outlier dimensions) or more (got {factor})")
 
 
 def fingerprint(inputs_fp: str, first: int, stop: int, among: int) -> str:
@@ -482,6 +489,7 @@ def prepare(crosscoder, models, tokens: torch.Tensor, options: AnalysisOptions, 
     if options.batch_size < 1:
         raise AtlasError(f"--batch-size must be at least 1 (got {options.batch_size})")
     check_counts(options.top_k, options.n_corr_features, options.corr_candidates)
+    check_outlier_factor(options.outlier_factor)
     tokens = torch.as_tensor(tokens, dtype=torch.long).cpu()
     N, T = tokens.shape
     if options.corpora and sum(int(c["n_sequences"]) for c in options.corpora) != N:
@@ -497,6 +505,7 @@ def prepare(crosscoder, models, tokens: torch.Tensor, options: AnalysisOptions, 
         diff_shared_lo=float(options.diff_shared[0]), diff_shared_hi=float(options.diff_shared[1]),
         next_token_effects=options.next_token_effects,
         latent_scaling=latent_scaling_enabled(crosscoder, options, first, stop),
+        outlier_factor=float(options.outlier_factor),
     )
     inputs_fp = inputs_fingerprint(crosscoder, models.sources, tokens, options, settings, dtype)
     fp = fingerprint(inputs_fp, first, stop, among)
@@ -750,14 +759,17 @@ class FinishInputs:
     ``W_dec[n, S, d]`` (float32) are the analysed features' decoder rows, ``unembeddings`` the sources'
     folded unembeddings (:meth:`atlas.models.ModelSet.unembeddings`), ``neighbours`` precomputed
     nearest neighbours (feature slices, searched among the whole dictionary) or None (searched among
-    the analysed features when finishing). A ``--shard`` writes them (shard 0) so that ``atlas merge``
-    finishes exactly as an analysis does, without the models.
+    the analysed features when finishing), ``outliers[S, d]`` the outlier dimensions of the whole
+    dictionary's decoder (:func:`atlas.stats.outlier_dims`; None: found among the analysed features).
+    A ``--shard`` writes them (shard 0) so that ``atlas merge`` finishes exactly as an analysis does,
+    without the models.
     """
 
     W_dec: torch.Tensor
     unembeddings: list
     neighbours: dict | None
     vocab: list
+    outliers: np.ndarray | None = None
 
 
 def finish_inputs(plan: Plan, encode: "FeatureEncoder") -> FinishInputs:
@@ -768,8 +780,12 @@ def finish_inputs(plan: Plan, encode: "FeatureEncoder") -> FinishInputs:
                                               plan.settings.n_neighbours, plan.device, plan.dtype)
     else:  # computed before the pass (feature-correlation candidates)
         neighbours = {k: v[:, :plan.settings.n_neighbours] for k, v in plan.local_neighbours().items()}
+    from .stats import outlier_dims
+
+    # over the whole dictionary, so that every feature slice leaves out the same dimensions
+    outliers = outlier_dims(plan.crosscoder.W_dec, plan.settings.outlier_factor)
     return FinishInputs(W_dec=W_dec, unembeddings=plan.models.unembeddings(), neighbours=neighbours,
-                        vocab=plan.models.vocab())
+                        vocab=plan.models.vocab(), outliers=outliers)
 
 
 def neighbours_in_dictionary(W_all: torch.Tensor, first: int, stop: int, n: int, device, dtype,
@@ -842,7 +858,7 @@ def assemble(summaries, inputs: FinishInputs, manifest, tokens, logit_hist_bins:
     """The cache: the summaries' arrays, decoder geometry, neighbours and logit effects (``manifest`` is
     completed with the number of counted tokens)."""
     from .stats import (decoder_norms, example_windows, logit_effects, nearest_neighbours, neuron_alignment,
-                        outlier_dims)
+                        outlier_dims, outlier_share)
 
     settings = manifest.settings
     arrays = summaries.finalize(W_dec=inputs.W_dec)
@@ -852,13 +868,15 @@ def assemble(summaries, inputs: FinishInputs, manifest, tokens, logit_hist_bins:
     W_dec = inputs.W_dec
     neighbours = inputs.neighbours or nearest_neighbours(W_dec, settings.n_neighbours)
     geometry = decoder_norms(W_dec, settings.diff_shared_lo, settings.diff_shared_hi) | neighbours
-    if settings.n_align > 0:  # outlier dimensions are flagged and left out of the alignment ranking
-        flagged = outlier_dims(W_dec)
+    # outlier dimensions are flagged, and left out of the alignment ranking and the logit tables
+    flagged = inputs.outliers if inputs.outliers is not None else outlier_dims(W_dec, settings.outlier_factor)
+    manifest.outlier_dims = [np.flatnonzero(row).tolist() for row in flagged]
+    if settings.n_align > 0:
         geometry |= neuron_alignment(W_dec, settings.n_align, exclude=flagged)
-        manifest.outlier_dims = [np.flatnonzero(row).tolist() for row in flagged]
     windows = example_windows(arrays, settings.next_token_effects)
     logits = logit_effects(W_dec, inputs.unembeddings, settings.logit_k, logit_hist_bins, windows=windows,
-                           tokens=tokens, window_before=settings.window_before)
+                           tokens=tokens, window_before=settings.window_before, exclude=flagged)
+    logits["outlier_share"] = outlier_share(W_dec, flagged)
     arrays |= {name: logits.pop(name) for name in windows}
     corpus_ids = None
     corpus_tokens = arrays.pop("corpus_n_tokens")

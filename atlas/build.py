@@ -98,13 +98,14 @@ def analyze_command(args, cache_dir: Path | None = None):
     """Load the checkpoint, the models and the corpus; analyse; write the cache. Returns its Manifest."""
     with paused():  # torch and the analysis modules (atlas.lifetimes)
         from . import distributed
-        from .analyze import check_counts, parse_feature_range, parse_shard, parse_shared_range
+        from .analyze import check_counts, check_outlier_factor, parse_feature_range, parse_shard, parse_shared_range
 
     cache_dir = Path(cache_dir or args.output)
     features = parse_feature_range(args.features) if args.features is not None else None
     # bad option values fail before any model is loaded
     shared_range = parse_shared_range(args.shared_range)
     check_counts(args.top_k, args.corr_features, args.corr_candidates)
+    check_outlier_factor(args.outlier_factor)
     from .corpus import parse_datasets
 
     parse_datasets(args.dataset)
@@ -159,6 +160,7 @@ def _analyze(args, cache_dir: Path, comm, device_arg, features, shard, shared_ra
         neuron_correlations=not args.no_neuron_correlations,
         next_token_effects=args.next_token_effects,
         latent_scaling=args.latent_scaling,
+        outlier_factor=args.outlier_factor,
         n_corr_features=args.corr_features,
         corr_candidates=args.corr_candidates,
         diff_shared=shared_range,

@@ -129,6 +129,10 @@ class Settings:
     diff_shared_hi: float = 0.7  # diff_class: relative norm above → model-B-only
     next_token_effects: str = "top"  # *_next_logit for "top" examples, "all" (top and intervals), "none"
     latent_scaling: bool = False  # FeatureStats.ls_* computed (two-source crosscoders; --latent-scaling)
+    # decoder dimensions with an RMS over the dictionary above this many times the median dimension's are
+    # outliers (Manifest.outlier_dims), left out of the logit tables and the alignment ranking; 0: none.
+    # An analysis always sets it (``--outlier-factor``, 5 by default); 10 is the rule of caches before it
+    outlier_factor: float = 10.0
 
     @property
     def window(self) -> int:
@@ -163,9 +167,9 @@ class Manifest:
     # the tokenizer's special token ids (BOS, EOS — the separator between documents —, pad, chat-template
     # markers), marked in the pages' example windows; None in caches written before it existed
     special_ids: list[int] | None = None
-    # per source, the outlier dimensions of the decoder (``atlas.stats.geometry.outlier_dims``: RMS over the
-    # analysed features above 10 × the median dimension's), left out of the neuron alignment ranking and
-    # flagged on the pages; None when not computed (older caches, or no neuron alignment)
+    # per source, the outlier dimensions of the decoder (``atlas.stats.geometry.outlier_dims``: RMS over all
+    # the dictionary's features above ``Settings.outlier_factor`` × the median dimension's), left out of the
+    # logit tables and the neuron alignment ranking and flagged on the pages; None in older caches
     outlier_dims: list[list[int]] | None = None
     complete: bool = False
     created: str = ""
@@ -329,11 +333,18 @@ class LogitEffects:
     ``hist_counts[F, S, H]`` is a histogram of the effect over the whole vocabulary between
     ``hist_lo[F, S]`` and ``hist_hi[F, S]`` (H equal bins).
 
+    Outlier dimensions: the decoder entries of ``Manifest.outlier_dims`` are left out of every value
+    here (taken as 0 in ``W_dec[f, s]``; a cache whose manifest has ``outlier_dims`` None keeps them).
+    Through the unembedding, the few massive residual dimensions every decoder writes to push the same
+    tokens for nearly every feature; the tables show what is particular to the feature.
+
     Centring: an analysis that writes ``mean`` reports every value above centred over the vocabulary,
-    ``effect[t] - mean[f, s]`` with ``mean[f, s]`` the mean raw effect over all V tokens (a shift every
+    ``effect[t] - mean[f, s]`` with ``mean[f, s]`` the mean effect over all V tokens (a shift every
     logit gets alike: it moves no probability). Optional (``None`` in older caches, whose values are raw):
 
     - ``mean[F, S]`` (float32): the subtracted mean effect
+    - ``outlier_share[F, S]`` (float32): the part of ‖W_dec[f, s]‖² in the outlier dimensions, the
+      part left out (:func:`atlas.stats.geometry.outlier_share`; NaN for a zero decoder)
     - for S = 2, the B−A table of the centred effects, ``diff[t] = e_1[t] - e_0[t]``: ``diff_top_ids`` /
       ``diff_top_vals[F, L]`` the L tokens whose effect grows most from source A's decoder to source B's
       (largest first), ``diff_bot_ids`` / ``diff_bot_vals[F, L]`` those it shrinks most (most negative
@@ -348,6 +359,7 @@ class LogitEffects:
     hist_lo: np.ndarray
     hist_hi: np.ndarray
     mean: np.ndarray | None = None
+    outlier_share: np.ndarray | None = None
     diff_top_ids: np.ndarray | None = None
     diff_top_vals: np.ndarray | None = None
     diff_bot_ids: np.ndarray | None = None

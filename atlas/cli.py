@@ -95,6 +95,11 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
                    help="latent scaling of a two-model crosscoder (how much of each latent the other model "
                    "holds, docs: panels): auto computes it when every feature is analysed, on also for a "
                    "subset (the whole dictionary is then encoded twice per batch), off skips it (default: auto)")
+    p.add_argument("--outlier-factor", type=float, default=5.0, metavar="X",
+                   help="decoder dimensions whose RMS over all features is above X times the median "
+                   "dimension's are outliers (the massive residual dimensions every decoder writes to): "
+                   "flagged on the pages and left out of the logit tables and the alignment ranking "
+                   "(default: 5.0; 0 keeps every dimension)")
     p.add_argument("--exclude-special", action="store_true",
                    help="leave every special token of the tokenizer (end-of-text, padding, chat-template "
                    "markers such as <|im_start|>) out of the statistics, as BOS is")

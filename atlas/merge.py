@@ -83,6 +83,7 @@ def write_shard(folder: Path, plan, summaries, inputs, manifest) -> "cache_forma
             {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.neighbours.items()},
             "vocab": list(inputs.vocab),
             "tokens": plan.tokens.to(torch.int32),
+            "outliers": None if inputs.outliers is None else torch.from_numpy(np.asarray(inputs.outliers, bool)),
         })
     else:
         (folder / FINISH_FILE).unlink(missing_ok=True)
@@ -261,7 +262,8 @@ def merge_shards(shards: list[_Input], device="cpu") -> "cache_format.Cache":
     neighbours = fin["neighbours"]
     inputs = FinishInputs(W_dec=fin["W_dec"], unembeddings=fin["unembeddings"],
                           neighbours=None if neighbours is None else {k: v.numpy() for k, v in neighbours.items()},
-                          vocab=fin["vocab"])
+                          vocab=fin["vocab"],
+                          outliers=None if fin.get("outliers") is None else fin["outliers"].cpu().numpy())
     return assemble(merged, inputs, manifest, fin["tokens"].numpy(), info.logit_hist_bins)
 
 

@@ -333,6 +333,10 @@ def make_synthetic_cache(
         # one flagged outlier dimension: the first correlated neuron of the first feature
         first = int(features.ncorr_source[0, 0])
         manifest.outlier_dims = [[int(features.ncorr_dim[0, 0])] if s == first else [] for s in range(S)]
+        # the part of each decoder in it, left out of the logit tables (0 via the other sources)
+        share = np.zeros((F, S), np.float32)
+        share[:, first] = np.random.default_rng([seed, 3]).uniform(0.01, 0.6, F)
+        logits.outlier_share = share
     return Cache(
         manifest=manifest,
         vocab=vocab,

@@ -258,7 +258,10 @@ def test_honest_feature_page(world, page):
         checked += bool(want)
     assert checked > 0
     # centred logit effects: the subtracted mean per source; the B−A table's first rows
-    assert "Outlier residual dimensions" in page.locator("[data-panel=logits] .outliers").inner_text()
+    note = page.locator("[data-panel=logits] .outliers").inner_text()
+    assert "Outlier residual dimensions" in note and "They are left out of these effects" in note
+    s_out = next(s for s, dims in enumerate(cache.manifest.outlier_dims) if dims)
+    assert f"They hold {_pct(float(lg.outlier_share[0, s_out]))} via {'AB'[s_out]} of this decoder" in note
     notes = page.locator("[data-panel=logits] .centred").all_inner_texts()
     assert [n.split("(")[1].split(")")[0] for n in notes] == [_signed(float(m)) for m in lg.mean[0]]
     diff = page.locator("[data-panel=logits] .logit-diff")
@@ -266,6 +269,27 @@ def test_honest_feature_page(world, page):
     assert grows.count() == lg.diff_top_ids.shape[1]
     assert grows.first.locator(".chip").inner_text() == chip(cache.vocab[int(lg.diff_top_ids[0, 0])])
     assert shrinks.first.locator(".num").inner_text() == fmt_num(float(lg.diff_bot_vals[0, 0]))
+
+
+def test_outlier_note_names_dimensions_shared_by_both_sources_once(world, page):
+    """When A and B flag the same dimensions the note lists them once, "in A and B"; an older cache
+    (logit tables with the outliers in) says that they count in the effects."""
+    meta_js = (world["site"] / "data" / "meta.js").read_text("utf-8")
+    meta = json.loads(meta_js[len("Atlas.meta("):-len(");\n")])
+
+    def serve(changes):
+        body = "Atlas.meta(" + json.dumps(meta | changes) + ");\n"
+        page.route("**/data/meta.js", lambda route: route.fulfill(body=body, content_type="text/javascript"))
+
+    serve({"outlier_dims": [[3, 41], [3, 41]], "outlier_factor": 5})
+    _ready(page, world["bases"]["root"] + "f/0/index.html")
+    note = page.locator("[data-panel=logits] .outliers").inner_text()
+    assert "above 5\u00d7 the median" in note and "): 3, 41 in A and B. They are left out of these effects" in note
+    page.unroute("**/data/meta.js")
+    serve({"logits_without_outliers": False})
+    _ready(page, world["bases"]["root"] + "f/0/index.html")
+    note = page.locator("[data-panel=logits] .outliers").inner_text()
+    assert "Their entries count in these effects" in note and "left out" not in note
 
 
 def test_hover_shows_next_token_logit(world, page):

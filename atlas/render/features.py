@@ -121,7 +121,9 @@ class FeaturePayload:
       bin uint32 LE dimension, bin float32 LE signed decoder entry ``W_dec[f, s, i]``, bin float16 LE
       its share of the decoder's L1 norm
     - ``lg[s].m`` (float): the mean effect over the vocabulary subtracted from every value of ``lg[s]``
-      (centred logit effects, ``LogitEffects.mean``)
+      (centred logit effects, ``LogitEffects.mean``); ``lg[s].o`` (float or null; absent for 0): the part of the
+      decoder's squared norm via source s in the outlier dimensions (``meta.outlier_dims``), which every
+      value of ``lg`` and ``ld`` leaves out (``LogitEffects.outlier_share``)
     - ``ld``: ``{ti, tv, bi, bv}`` the B−A table (S = 2): tokens whose centred effect grows most / shrinks
       most from source A's decoder to source B's, ids and bin float32 LE differences
     - ``tn``: bin float16 LE next-token logit contributions of the top examples' tokens, only at the
@@ -368,6 +370,9 @@ def iter_features(cache: Cache, vocab: SiteVocab, start: int = 0, stop: int | No
         l_lo = np.asarray(lg.hist_lo[a:b], dtype=np.float32).tolist()
         l_hi = np.asarray(lg.hist_hi[a:b], dtype=np.float32).tolist()
         l_mean = np.asarray(lg.mean[a:b], dtype=np.float32).tolist() if lg.mean is not None else None
+        l_out = None
+        if lg.outlier_share is not None:
+            l_out = [[_float_or_none(v) for v in row] for row in np.asarray(lg.outlier_share[a:b], np.float32)]
         has_ld = two and lg.diff_top_ids is not None and lg.diff_bot_ids is not None
         if has_ld:
             d_top = vocab.to_site(np.asarray(lg.diff_top_ids[a:b]))
@@ -432,6 +437,10 @@ def iter_features(cache: Cache, vocab: SiteVocab, start: int = 0, stop: int | No
             if l_mean is not None:
                 for s in range(S):
                     obj["lg"][s]["m"] = l_mean[j][s]
+            if l_out is not None:
+                for s in range(S):
+                    if l_out[j][s] != 0:  # 0 (nothing left out) is not written
+                        obj["lg"][s]["o"] = l_out[j][s]
             if has_ld:
                 obj["ld"] = {"ti": d_top[j].tobytes(), "tv": d_tv[j].tobytes(), "bi": d_bot[j].tobytes(),
                              "bv": d_bv[j].tobytes()}

@@ -305,6 +305,8 @@ def _write_site_files(staged: StagedSite, env, cache, site: SiteInfo, vocab, fac
         "min_active": site.min_active,
         "special": special_site_ids(cache, vocab),
         "outlier_dims": m.outlier_dims,
+        "outlier_factor": m.settings.outlier_factor,
+        "logits_without_outliers": cache.logits.outlier_share is not None,
     } | corpus_meta(cache))
     staged.write("data/meta.js", meta.to_bytes())
 

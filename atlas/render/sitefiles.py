@@ -55,8 +55,12 @@ class SiteMeta:
     fewer active tokens is flagged and its correlations hidden: ``atlas render --min-active``),
     ``special`` (site ids of the tokenizer's special tokens, ``Manifest.special_ids``: marked in example
     windows; empty for a cache without them), ``outlier_dims`` (per source, the decoder's outlier
-    dimensions, ``Manifest.outlier_dims``, flagged in the alignment and correlation tables; null when the
-    cache has none recorded).
+    dimensions, ``Manifest.outlier_dims``, flagged in the alignment and correlation tables and left out of
+    the logit tables; null when the cache has none recorded), ``outlier_factor`` (``Settings.outlier_factor``:
+    the RMS ratio over the median dimension above which a dimension is an outlier),
+    ``logits_without_outliers`` (true when the logit tables leave the outlier dimensions out, as the
+    analysis does since ``LogitEffects.outlier_share`` exists; false for older caches, whose tables
+    include them).
     Only where the cache has them
     (``features.corpus_meta``): ``corpora`` (``[{name, n_sequences, n_tokens}]``, the named corpora in the
     order of the index chunks' ``cd`` columns) and ``has_special`` (the chunks carry ``sp``).

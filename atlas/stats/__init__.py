@@ -12,7 +12,7 @@
 """
 
 from .correlations import FeatureCorrelations, NeuronCorrelations
-from .geometry import decoder_norms, diff_classes, nearest_neighbours, neuron_alignment, outlier_dims
+from .geometry import decoder_norms, diff_classes, nearest_neighbours, neuron_alignment, outlier_dims, outlier_share
 from .intervals import IntervalSamples, interval_keys
 from .logits import example_windows, logit_effects, next_token_ids
 from .scalars import ScalarStats
@@ -22,5 +22,5 @@ from .top import TopExamples
 __all__ = [
     "FeatureCorrelations", "FeatureSummaries", "IntervalSamples", "NeuronCorrelations", "ScalarStats",
     "TopExamples", "decoder_norms", "diff_classes", "example_windows", "interval_keys", "logit_effects",
-    "merge", "nearest_neighbours", "neuron_alignment", "next_token_ids", "outlier_dims",
+    "merge", "nearest_neighbours", "neuron_alignment", "next_token_ids", "outlier_dims", "outlier_share",
 ]

@@ -34,12 +34,17 @@ def next_token_ids(tokens, seq, pos, before: int, after: int) -> torch.Tensor:
 
 def logit_effects(W_dec: torch.Tensor, unembeddings: list[torch.Tensor], k: int, n_bins: int,
                   max_elements: int | None = None, windows: dict | None = None, tokens=None,
-                  window_before: int = 0) -> dict:
+                  window_before: int = 0, exclude: np.ndarray | None = None) -> dict:
     """``W_dec[F, S, d]`` and per source ``U_s[d, V]`` → arrays of ``LogitEffects``.
 
-    Effect of f on token t via s, centred over the vocabulary: ``e[t] = W_dec[f, s] @ U_s[:, t] - mean``
-    with ``mean[f, s]`` the mean of the raw effect over the V tokens (a shift every logit gets alike,
-    which the softmax ignores; kept as ``mean``). Top/bottom ``k`` tokens of the centred effect (largest
+    ``exclude[S, d]`` (bool, e.g. :func:`atlas.stats.geometry.outlier_dims`): residual dimensions left
+    out of the tables, as if those decoder entries were 0. A few massive residual dimensions that every
+    decoder writes to would otherwise give every feature the same top tokens.
+
+    Effect of f on token t via s, centred over the vocabulary: ``e[t] = w @ U_s[:, t] - mean`` with
+    ``w`` the decoder row ``W_dec[f, s]`` without the excluded dimensions and ``mean[f, s]`` the mean of
+    ``w @ U_s`` over the V tokens (a shift every logit gets alike, which the softmax ignores; kept as
+    ``mean``). Top/bottom ``k`` tokens of the centred effect (largest
     first / most negative first) and a histogram of all V centred effects in ``n_bins`` equal bins
     between the feature's min and max (everything in bin 0 when they are equal). For S = 2 also the
     B−A table: the ``k`` tokens whose centred effect grows most (``diff_top_*``, largest first) and
@@ -50,7 +55,8 @@ def logit_effects(W_dec: torch.Tensor, unembeddings: list[torch.Tensor], k: int,
     into the corpus ``tokens[N, T]`` (windows start ``window_before`` tokens before ``pos``). The output
     ``name[F, ..., W, S]`` (float16) is each window token's activation × the feature's effect via s on
     the logit of the token that follows it (:func:`next_token_ids`; 0 where there is none), read off
-    the same chunks (the raw effect, not centred: what the token's logit actually received).
+    the same chunks (the raw effect of the whole decoder row, excluded dimensions included and not
+    centred: what the token's logit actually received).
     ``max_elements`` bounds the ``[features, V]`` effects held at once (default: 2**22 on a CPU, 2**26
     on a GPU).
     """
@@ -77,15 +83,22 @@ def logit_effects(W_dec: torch.Tensor, unembeddings: list[torch.Tensor], k: int,
     chunk = max(1, max_elements // V)
     Us = [U[:, :V].float() for U in unembeddings]
     dev = Us[0].device
+    # per source, the excluded dimensions (empty: none)
+    left_out = [torch.as_tensor(np.flatnonzero(np.asarray(exclude)[s]) if exclude is not None else [],
+                                dtype=torch.int64, device=U.device) for s, U in enumerate(Us)]
     tok = torch.as_tensor(np.asarray(tokens), dtype=torch.int64).to(dev) if windows else None
     for lo in range(0, F, chunk):
         hi = min(lo + chunk, F)
         c = hi - lo
         first = None
         for s, U in enumerate(Us):
-            raw = W_dec[lo:hi, s].to(U.device, torch.float32) @ U  # [c, V]
-            mean = raw.mean(dim=1, keepdim=True)
-            eff = (raw - mean).to(dev)
+            w = W_dec[lo:hi, s].to(U.device, torch.float32)
+            raw = w @ U  # [c, V]
+            kept = raw
+            if len(left_out[s]):  # the excluded dimensions' part, a low-rank update
+                kept = raw - w[:, left_out[s]] @ U[left_out[s]]
+            mean = kept.mean(dim=1, keepdim=True)
+            eff = (kept - mean).to(dev)
             out["mean"][lo:hi, s] = mean[:, 0].cpu().numpy()
             _extremes(out, eff, s, lo, hi, k, n_bins)
             for name, (seq, pos, acts) in windows.items():

@@ -77,10 +77,13 @@
   function outlierNote() {
     var o = M.outlier_dims, parts = [];
     if (!o) return null;
-    o.forEach(function (dims, s) { dims.forEach(function (d) { parts.push((sourceShort(s) ? sourceShort(s) + " " : "") + d); }); });
+    var same = o.length > 1 && o.every(function (dims) { return dims.join() === o[0].join(); });
+    if (same) parts = o[0].map(String);
+    else o.forEach(function (dims, s) { dims.forEach(function (d) { parts.push((sourceShort(s) ? sourceShort(s) + " " : "") + d); }); });
     if (!parts.length) return null;
-    return "Outlier " + dimWord() + "s (\u2691: RMS over all features above 10\u00d7 the median dimension's, " +
-      "the kind that is the largest entry of nearly every feature): " + parts.join(", ") + ".";
+    return "Outlier " + dimWord() + "s (\u2691: RMS over all features above " + (M.outlier_factor || 10) +
+      "\u00d7 the median dimension's, the massive dimensions many decoders write to): " + parts.join(", ") +
+      (same ? (o.length === 2 ? " in A and B" : " in every source") : "") + ".";
   }
   function sourceShort(s) { return M.sources.length === 2 ? "AB"[s] : M.sources.length > 2 ? "s" + s : ""; }
   function signed(x) { return (x > 0 ? "+" : x < 0 ? "\u2212" : "") + A.fmt(Math.abs(x)); }
@@ -404,7 +407,16 @@
       body.appendChild(box);
     });
     var o = outlierNote();
-    if (o && /^residual/.test(dimWord())) {
+    if (o && M.logits_without_outliers) {
+      var held = [];
+      p.lg.forEach(function (l, s) {
+        if (l.o) held.push(A.fmt(100 * l.o) + "%" + (sourceShort(s) ? " via " + sourceShort(s) : ""));
+      });
+      body.appendChild(A.el("p", "note outliers", o + " They are left out of these effects: every decoder " +
+        "writes to them, and through the unembedding they push the same tokens for nearly every feature." +
+        (held.length ? " They hold " + held.join(", ") + " of this decoder's squared norm." : "") +
+        " Hovering an example token shows its whole effect, these dimensions included."));
+    } else if (o && /^residual/.test(dimWord())) {
       body.appendChild(A.el("p", "note outliers", o + " Their entries count in these effects, and a " +
         "direction shared by many decoders puts the same tokens near the top of many features' lists."));
     }
