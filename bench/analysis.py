@@ -223,6 +223,8 @@ PHASES = (
     ("  interval samples", "atlas.stats.intervals", "IntervalSamples.update"),
     ("  neuron correlations", "atlas.stats.correlations", "NeuronCorrelations.update"),
     ("  feature correlations", "atlas.stats.correlations", "FeatureCorrelations.update"),
+    ("  latent scaling: reconstructions", "atlas.stats.latent_scaling", "reconstruct"),
+    ("  latent scaling: products", "atlas.stats.latent_scaling", "LatentScaling.update"),
     ("nearest neighbours (before the pass)", "atlas.analyze", "Plan.local_neighbours"),
     ("finish: vocabulary strings, unembeddings", "atlas.analyze", "finish_inputs"),
     ("finish: logit effects, decoder geometry", "atlas.analyze", "assemble"),

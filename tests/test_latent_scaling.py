@@ -124,3 +124,35 @@ def test_latent_scaling_on_needs_two_sources(sae_setup, tmp_path):
                      torch.float32)
     run_analysis(cc, models, tokens, OPTIONS, tmp_path, CPU, torch.float32)  # auto: nothing to compute
     assert read_cache(tmp_path).features.ls_beta_err is None
+
+
+@pytest.mark.parametrize("block", [2**24, 40])  # one block of latents; several, each a few rows
+def test_sums_over_unsorted_entries_in_blocks_match_the_definitions(monkeypatch, block):
+    """``reconstruct`` and ``LatentScaling.update`` from active entries in any order (not sorted by token
+    or latent), over one or several blocks of latents, equal the dense sums by their definitions."""
+    from atlas.stats import latent_scaling
+
+    monkeypatch.setattr(latent_scaling, "BLOCK", block)
+    g = torch.Generator().manual_seed(4)
+    N, F, S, d = 30, 11, 2, 5
+    acts = torch.rand(N, F, generator=g) * (torch.rand(N, F, generator=g) < 0.3)
+    acts[:, 7] = 0  # a latent never active in the batch
+    tok, feat = acts.nonzero(as_tuple=True)
+    order = torch.randperm(tok.numel(), generator=g)
+    tok, feat = tok[order], feat[order]
+    coef = acts[tok, feat]
+    W = torch.randn(F, S, d, generator=g)
+    b = torch.randn(S, d, generator=g)
+    h = torch.randn(N, S, d, generator=g)
+    recon = latent_scaling.reconstruct(h, tok, feat, coef, W, b)
+    want = torch.einsum("nf,fsd->nsd", acts.double(), W.double()) + b.double()
+    torch.testing.assert_close(recon.double(), want, rtol=1e-5, atol=1e-5)
+    ls = latent_scaling.LatentScaling(F, S)
+    ls.update(tok, feat, coef, h, recon, W)
+    err, rec = h.double() - recon.double(), recon.double()
+    torch.testing.assert_close(ls.f2, (acts.double() ** 2).sum(0))
+    torch.testing.assert_close(ls.num_err, torch.einsum("nf,fmd,ntd->fmt", acts.double(), W.double(), err),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ls.num_rec, torch.einsum("nf,fmd,ntd->fmt", acts.double(), W.double(), rec),
+                               rtol=1e-5, atol=1e-5)
+    assert (ls.num_rec[7] == 0).all()

@@ -29,22 +29,42 @@ Writer: :mod:`atlas.stats.summaries` (``update`` per batch, mergeable sums); ``f
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-CHUNK = 8192  # active entries per step of the sparse products (bounds the [chunk, S, d] temporaries)
+BLOCK = 2**24  # float32 elements of the per-block temporaries (decoder rows, or per-latent sums)
+
+
+def sparse_rows(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
+    """The ``[n_rows, n_cols]`` float32 CSR matrix with ``vals`` at (``rows``, ``cols``) (no repeated pair)."""
+    if rows.numel() > 1 and not bool((rows[1:] >= rows[:-1]).all()):
+        order = torch.argsort(rows, stable=True)
+        rows, cols, vals = rows[order], cols[order], vals[order]
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
+    with warnings.catch_warnings():  # torch calls its CSR layout beta; it is used only for this product
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, cols.to(torch.int64), vals.float(), size=(n_rows, n_cols),
+                                       check_invariants=False)
 
 
 def reconstruct(h: torch.Tensor, tok: torch.Tensor, feat: torch.Tensor, coef: torch.Tensor,
                 W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
     """``ĥ[N, S, d]`` (float32): ``b_dec`` plus ``coef · W_dec[feat]`` added at row ``tok`` for each
-    active entry; ``h`` gives the shape and device. Cost: entries × S·d, not N × F × S·d."""
+    active entry; ``h`` gives the shape and device. One sparse [N, F] × dense [F, S·d] product per block
+    of decoder rows: the cost is entries × S·d, not N × F × S·d."""
     N = h.shape[0]
+    F = W_dec.shape[0]
     out = b_dec.float().expand(N, *b_dec.shape).clone()
     flat = out.view(N, -1)
-    W = W_dec.reshape(W_dec.shape[0], -1)
-    for lo in range(0, tok.numel(), CHUNK):
-        sl = slice(lo, lo + CHUNK)
-        flat.index_add_(0, tok[sl], W.index_select(0, feat[sl]).float() * coef[sl, None])
+    W = W_dec.reshape(F, -1)
+    rows = max(1, BLOCK // max(W.shape[1], 1))
+    for lo in range(0, F, rows):
+        hi = min(F, lo + rows)
+        pick = slice(None) if hi - lo == F else (feat >= lo) & (feat < hi)
+        A = sparse_rows(tok[pick], feat[pick] - lo, coef[pick], N, hi - lo)
+        flat += A @ W[lo:hi].float()
     return out
 
 
@@ -67,18 +87,28 @@ class LatentScaling:
         """Fold a batch: the analysed latents' active entries at counted tokens (row ``tok`` of the
         batch's tokens, latent ``feat`` among the analysed ones, decoder coefficient ``coef``), the
         tokens' inputs ``h[N, S, d]`` and reconstructions ``recon[N, S, d]`` as the crosscoder sees them,
-        and the analysed latents' decoder rows ``W_dec[n, S, d]``."""
+        and the analysed latents' decoder rows ``W_dec[n, S, d]``.
+
+        The decoder row is the same at every token of a latent, so Σ_i f_i ⟨d^m, y_i⟩ = ⟨d^m, Σ_i f_i y_i⟩:
+        one sparse [latents, N] × dense [N, 2·S·d] product sums the targets (errors and reconstructions)
+        per latent, then one ⟨d^m, ·⟩ per latent and pair of sources."""
+        F, S, d = W_dec.shape
+        N = h.shape[0]
         coef = coef.float()
         self.f2.index_add_(0, feat, coef.double() ** 2)
-        for lo in range(0, tok.numel(), CHUNK):
-            sl = slice(lo, lo + CHUNK)
-            t, f, c = tok[sl], feat[sl], coef[sl, None, None]
-            d = W_dec.index_select(0, f).float()  # [c, S, d]
-            rec = recon.index_select(0, t).float()
-            err = h.index_select(0, t).float() - rec
-            # [c, m, t] = ⟨d^m, y_t⟩ for every pair of sources
-            self.num_err.index_add_(0, f, (torch.bmm(d, err.transpose(1, 2)) * c).double())
-            self.num_rec.index_add_(0, f, (torch.bmm(d, rec.transpose(1, 2)) * c).double())
+        if feat.numel() == 0:
+            return
+        targets = torch.cat([h.float() - recon.float(), recon.float()], dim=1).view(N, 2 * S * d)
+        rows = max(1, BLOCK // (2 * S * d))
+        for lo in range(0, F, rows):
+            hi = min(F, lo + rows)
+            pick = slice(None) if hi - lo == F else (feat >= lo) & (feat < hi)
+            A = sparse_rows(feat[pick] - lo, tok[pick], coef[pick], hi - lo, N)
+            sums = (A @ targets).view(hi - lo, 2 * S, d)  # Σ_i f_i y_i per latent
+            # [n, m, target] = ⟨d^m, Σ f y_target⟩, targets: the S errors, then the S reconstructions
+            p = torch.einsum("fmd,ftd->fmt", W_dec[lo:hi].float(), sums).double()
+            self.num_err[lo:hi] += p[:, :, :S]
+            self.num_rec[lo:hi] += p[:, :, S:]
 
     def merge(self, other: "LatentScaling") -> "LatentScaling":
         for name in self.FIELDS:
