@@ -432,11 +432,20 @@ def _parse_manifest(text: str) -> Manifest:
     dims = manifest.outlier_dims
     if dims is not None and not (isinstance(dims, list) and all(_int_list(d) for d in dims)):
         raise ValueError(f"manifest.json: outlier_dims is {dims!r}, not one list of dimensions per source")
+    for c in manifest.corpora:
+        if not (isinstance(c, dict) and isinstance(c.get("name"), str) and _is_int(c.get("n_sequences"))
+                and _is_int(c.get("n_tokens", 0))):
+            raise ValueError(f"manifest.json: corpora holds {c!r}, not {{name, n_sequences, n_tokens}} of a named "
+                             "corpus")
     return manifest
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _int_list(x) -> bool:
-    return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+    return isinstance(x, list) and all(_is_int(i) for i in x)
 
 
 def _parse_vocab(text: str) -> list[str]:

@@ -30,6 +30,7 @@ no ``--dataset`` means the demo's two corpora (``english`` and ``python``).
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import sys
@@ -67,12 +68,12 @@ def _local_files(path: Path) -> dict[str, list[str]]:
     return groups
 
 
-def _text_rows(files: list[str]):
+def _text_rows(files: list[str], dataset: str):
     """Rows ``{"text": paragraph}`` of ``.txt`` files as ``datasets``' text builder with ``sample_by=
     "paragraph"`` gives them: text mode (universal newlines), split on blank lines (``"\\n\\n"``), empty
     pieces dropped; read in blocks, so a large file is never held whole."""
     for name in files:
-        with open(name, encoding="utf-8") as fh:
+        with open(name, encoding="utf-8") as fh, _utf8_only(name, dataset):
             rest = ""
             while True:
                 block = fh.read(1 << 20)
@@ -85,12 +86,22 @@ def _text_rows(files: list[str]):
                 yield {"text": rest}
 
 
+@contextlib.contextmanager
+def _utf8_only(name: str, dataset: str):
+    """Turn a decoding failure while reading the file ``name`` into one message naming it."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise AtlasError(f"cannot read the corpus {dataset}: {name} is not UTF-8 text ({exc.reason}): convert it "
+                         "to UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8)") from None
+
+
 def _jsonl_rows(files: list[str], dataset: str):
     """Rows (JSON objects) of ``.jsonl`` files, one per non-blank line, as ``datasets``' json builder reads them."""
     import json
 
     for name in files:
-        with open(name, encoding="utf-8") as fh:
+        with open(name, encoding="utf-8") as fh, _utf8_only(name, dataset):
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -109,10 +120,11 @@ def _plain_rows(builder: str, files: list[str], dataset: str):
     """Rows of local ``.txt`` or ``.jsonl`` files read without ``datasets`` (whose import alone costs about
     half a second of CPU), the same rows in the same order; None for other formats."""
     if builder == "text":
-        return _text_rows(files)
+        return _text_rows(files, dataset)
     if builder == "json" and all(f.lower().endswith(".jsonl") for f in files):
         return _jsonl_rows(files, dataset)
     return None
+
 
 
 def _open_streams(dataset: str, seed: int) -> list:
@@ -172,15 +184,21 @@ def iter_documents(dataset: str, text_column: str = "text", seed: int = 0):
 
 
 def _read_documents(dataset: str, text_column: str, seed: int):
+    """The documents of every stream; a row without ``text_column`` is skipped (``datasets`` gives it as
+    None), and a corpus where no row has it is refused."""
+    columns, found = set(), False
     for stream in _open_streams(dataset, seed):
         for row in stream:
             if text_column not in row:
-                cols = ", ".join(sorted(row))
-                raise AtlasError(f"the corpus {dataset} has no column {text_column!r} (columns: {cols}): "
-                                 "pass --text-column with the column holding the text")
+                columns.update(row)
+                continue
+            found = True
             text = row[text_column]
             if isinstance(text, str) and text.strip():
                 yield text
+    if columns and not found:
+        raise AtlasError(f"the corpus {dataset} has no column {text_column!r} (columns: {', '.join(sorted(columns))}): "
+                         "pass --text-column with the column holding the text")
 
 
 def _batched(it, n):

@@ -155,6 +155,27 @@ def test_plain_readers_name_a_bad_jsonl_line(tmp_path):
         list(iter_documents(str(bad)))
 
 
+def test_rows_without_the_text_column_are_skipped(tmp_path):
+    """As with ``datasets`` (which gives a missing key as None), a row lacking the column is skipped;
+    only a corpus where no row has it is refused."""
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"text": "hello world"}\n{"meta": 1}\n{"text": "second doc"}\n')
+    assert sorted(iter_documents(str(mixed))) == ["hello world", "second doc"]
+    none = tmp_path / "none.jsonl"
+    none.write_text('{"meta": 1}\n{"body": "x", "meta": 2}\n')
+    with pytest.raises(AtlasError, match=r"no column 'text' \(columns: body, meta\).*--text-column"):
+        list(iter_documents(str(none)))
+
+
+@pytest.mark.parametrize("name", ["latin1.txt", "latin1.jsonl"])
+def test_a_file_that_is_not_utf8_is_named(tmp_path, name):
+    path = tmp_path / name
+    text = "caf\u00e9 au lait" if name.endswith(".txt") else json.dumps({"text": "caf\u00e9"}, ensure_ascii=False)
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(AtlasError, match=rf"{name} is not UTF-8 text .*convert it to UTF-8"):
+        list(iter_documents(str(path)))
+
+
 def test_reading_txt_and_jsonl_does_not_import_datasets(tmp_path):
     import subprocess
     import sys

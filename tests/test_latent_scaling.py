@@ -156,3 +156,13 @@ def test_sums_over_unsorted_entries_in_blocks_match_the_definitions(monkeypatch,
     torch.testing.assert_close(ls.num_rec, torch.einsum("nf,fmd,ntd->fmt", acts.double(), W.double(), rec),
                                rtol=1e-5, atol=1e-5)
     assert (ls.num_rec[7] == 0).all()
+    out = ls.finalize(W)  # in blocks of rows too
+    norm2 = (W.double() ** 2).sum(-1)
+    gram = torch.einsum("fmd,ftd->fmt", W.double(), W.double())
+    f2 = ls.f2[:, None, None]
+    torch.testing.assert_close(torch.from_numpy(out["ls_beta_rec"]).double(), ls.num_rec / (norm2[:, :, None] * f2),
+                               rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(torch.from_numpy(out["ls_beta_err"]).double(),
+                               (ls.num_err + f2 * gram) / (norm2[:, :, None] * f2), rtol=1e-5, atol=1e-6,
+                               equal_nan=True)
+    assert np.isnan(out["ls_nu_err"][7]) and np.isfinite(out["ls_nu_err"][np.arange(F) != 7]).all()

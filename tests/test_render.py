@@ -645,9 +645,11 @@ def test_serve_serves_the_site_and_its_404(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("special_ids", ["x"]), ("special_ids", 3), ("outlier_dims", [1, 2]),
-                                        ("outlier_dims", [[0.5]])])
+                                        ("outlier_dims", [[0.5]]), ("corpora", ["web", "chat"]),
+                                        ("corpora", [{"n_sequences": 32}]), ("corpora", 3)])
 def test_bad_manifest_lists(tmp_path, key, value):
-    """A manifest whose special ids or outlier dimensions are not lists of integers is refused by name."""
+    """A manifest whose special ids or outlier dimensions are not lists of integers, or whose corpora are
+    not named corpora, is refused by name."""
     cache = _tiny_cache(tmp_path / "cache")
     m = json.loads((cache / "manifest.json").read_text("utf-8"))
     m[key] = value

@@ -310,6 +310,7 @@ def test_outlier_share_brute_force():
     mask[0, [1, 4]] = True
     got = outlier_share(W, mask)
     assert got.shape == (6, 2) and got.dtype == np.float32
+    np.testing.assert_array_equal(outlier_share(W, mask, block=10), got)  # one row per block
     w = W.double().numpy()
     for f in range(6):
         assert got[f, 0] == pytest.approx((w[f, 0, [1, 4]] ** 2).sum() / (w[f, 0] ** 2).sum(), rel=1e-5)

@@ -51,14 +51,19 @@ def outlier_dims(W_dec: torch.Tensor, factor: float = OUTLIER_FACTOR, block: int
     return (rms > factor * med).cpu().numpy()
 
 
-def outlier_share(W_dec: torch.Tensor, mask: np.ndarray) -> np.ndarray:
+def outlier_share(W_dec: torch.Tensor, mask: np.ndarray, block: int = 2**24) -> np.ndarray:
     """``share[F, S]`` (float32): the part of each decoder's squared norm ‖W_dec[f, s]‖² that lies in
     the dimensions ``mask[S, d]`` flags (:func:`outlier_dims`); NaN for a zero decoder."""
+    F, S, d = W_dec.shape
     keep = torch.as_tensor(np.asarray(mask, dtype=bool), device=W_dec.device)
-    sq = W_dec.float().pow(2)
-    total = sq.sum(dim=-1)
-    part = (sq * keep).sum(dim=-1)
-    return torch.where(total > 0, part / total.clamp_min(1e-30), torch.nan).cpu().numpy().astype(np.float32)
+    out = np.empty((F, S), np.float32)
+    rows = max(1, block // max(S * d, 1))
+    for lo in range(0, F, rows):  # float32 squares of a block of rows at a time
+        sq = W_dec[lo:lo + rows].float().pow(2)
+        total = sq.sum(dim=-1)
+        part = torch.where(keep, sq, 0.0).sum(dim=-1)
+        out[lo:lo + rows] = torch.where(total > 0, part / total.clamp_min(1e-30), torch.nan).cpu().numpy()
+    return out
 
 
 def neuron_alignment(W_dec: torch.Tensor, k: int, block: int = 2**22, exclude: np.ndarray | None = None) -> dict:

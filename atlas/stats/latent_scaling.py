@@ -136,8 +136,12 @@ class LatentScaling:
         (axis 1) for model t (axis 2); NaN for a latent never active or a zero decoder row) and
         ``ls_nu_err[F]``, ``ls_nu_rec[F]`` (float32; β(other)/β(own) along the own decoder; NaN where
         undefined)."""
-        W = W_dec.detach().to(device="cpu", dtype=torch.float64)
-        gram = torch.einsum("fmd,ftd->fmt", W, W)  # ⟨d^m, d^t⟩
+        F, S, d = W_dec.shape
+        gram = torch.empty(F, S, S, dtype=torch.float64)  # ⟨d^m, d^t⟩, a block of rows at a time
+        rows = max(1, BLOCK // max(S * d, 1))
+        for lo in range(0, F, rows):
+            w = W_dec[lo:lo + rows].detach().double()
+            gram[lo:lo + rows] = torch.einsum("fmd,ftd->fmt", w, w).cpu()
         norm2 = torch.diagonal(gram, dim1=1, dim2=2)  # [F, S]: ‖d^m‖²
         f2 = self.f2.cpu()[:, None, None]
         denom = norm2[:, :, None] * f2
@@ -148,7 +152,7 @@ class LatentScaling:
         beta_rec = torch.where(ok, self.num_rec.cpu() / safe, nan)
         own = norm2.argmax(dim=1)  # ties → source 0
         other = 1 - own
-        rows = torch.arange(W.shape[0])
+        rows = torch.arange(F)
         out = {"ls_beta_err": beta_err.float().numpy(), "ls_beta_rec": beta_rec.float().numpy()}
         for name, beta in (("ls_nu_err", beta_err), ("ls_nu_rec", beta_rec)):
             num, den = beta[rows, own, other], beta[rows, own, own]
