@@ -50,7 +50,7 @@ class SiteMeta:
     ``n_features``, ``sources`` (``[{model, site}]``), ``window_before``, ``window``, ``hist``
     (``{log10_min, log10_max, bins}`` of the activation histograms), ``vocab`` (``{size, shard_bits,
     n_shards, id_bytes}``), ``index`` (``{n_chunks, rows_per_chunk}``), ``search`` (``{token_shards,
-    label_shards}``), ``has_labels``, ``has_diff``, ``rel_thresholds`` (``[a_only_below, b_only_above]``: the model-diff
+    label_shards}``), ``has_labels``, ``has_diff``, ``latent_scaling`` (the cache has ν^ε/ν^r: index columns and filters), ``rel_thresholds`` (``[a_only_below, b_only_above]``: the model-diff
     class thresholds of the relative norm, ``features.diff_thresholds``), ``min_active`` (a feature with
     fewer active tokens is flagged and its correlations hidden: ``atlas render --min-active``),
     ``special`` (site ids of the tokenizer's special tokens, ``Manifest.special_ids``: marked in example
