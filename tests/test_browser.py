@@ -347,6 +347,10 @@ def test_old_cache_renders_clean(world, page):
     assert page.locator("#tip .tipnext").count() == 0
     _ready(page, site.as_uri() + "/index.html")
     assert page.locator("#rows td.cls .badge").count() == 6
+    # filters of columns this site lacks (ν, special-token share) are ignored, not applied to missing values
+    page.goto("about:blank")
+    _ready(page, site.as_uri() + "/index.html#nue=0.2&nur=0.1&smax=0.5")
+    assert page.locator("#count").inner_text().startswith("6 of 6 features")
 
 
 def test_hostile_label_is_text(world, page):
@@ -400,6 +404,11 @@ def test_index_lists_sorts_and_filters(world, page, where):
     want = np.flatnonzero(fs.density >= np.float32(0.01)).tolist()
     assert sorted(_all_row_ids(page)) == want
     assert "dens=" in page.url
+    for dens, lo, hi in (("1e-3-1", 1e-3, 1), ("1e-5-1e-2", 1e-5, 1e-2), (".005-0.5", 0.005, 0.5)):
+        page.goto("about:blank")  # a shared link with an exponent in the range
+        _ready(page, world["bases"][where] + f"index.html#dens={dens}")
+        want = np.flatnonzero((fs.density >= np.float32(lo)) & (fs.density <= np.float32(hi))).tolist()
+        assert 0 < len(want) and sorted(_all_row_ids(page)) == want, dens
 
 
 def test_latent_scaling_columns_filters_and_panel(world, page):

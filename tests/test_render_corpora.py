@@ -168,6 +168,11 @@ def test_index_sorts_and_filters_by_corpus_density_and_special_share(world, brow
         page.wait_for_selector("html[data-ready]", timeout=10_000)
         assert page.locator("#f-corpus").input_value() == "web"
         assert sorted(ids()) == np.flatnonzero(dens[:, 0] <= np.float32(0.001)).tolist()
+        page.goto("about:blank")
+        page.goto(base_url(server, "index.html#cdens=chat:1e-3-1"))  # an exponent in the range
+        page.wait_for_selector("html[data-ready]", timeout=10_000)
+        want = np.flatnonzero(dens[:, 1] >= np.float32(1e-3)).tolist()
+        assert 0 < len(want) and sorted(ids()) == want
         assert problems == []
     finally:
         context.close()

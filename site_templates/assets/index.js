@@ -42,7 +42,8 @@
 
   function parseRange(s) {
     if (!s) return null;
-    var m = /^(-?[0-9.eE+-]+?)-(-?[0-9.eE+-]+)$/.exec(s);
+    // two decimal numbers (an exponent allowed: 1e-3-1 is 0.001 to 1) joined by "-"
+    var m = /^(-?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)-(-?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$/.exec(s);
     if (!m) return null;
     var lo = parseFloat(m[1]), hi = parseFloat(m[2]);
     return isFinite(lo) && isFinite(hi) ? [lo, hi, m[1], m[2]] : null;
@@ -60,11 +61,13 @@
     var peak = p.get("peak");
     st.peak = peak !== null && peak !== "" && isFinite(+peak) ? +peak : null;
     st.q = p.get("q") || new URLSearchParams(location.search).get("q") || "";
-    ["nue", "nur"].forEach(function (k) { var v = p.get(k); st[k] = v !== null && v !== "" && isFinite(+v) ? +v : null; });
+    if (M.latent_scaling) {  // a site without ν has no such filter
+      ["nue", "nur"].forEach(function (k) { var v = p.get(k); st[k] = v !== null && v !== "" && isFinite(+v) ? +v : null; });
+    }
     var cd = /^(.*):(.*)$/.exec(p.get("cdens") || ""), cr = cd ? parseRange(cd[2]) : null;
     if (cd && cr && CORPORA.indexOf(cd[1]) >= 0) { st.corpus = cd[1]; st.cmin = cr[0]; st.cmax = cr[1]; }
     var smax = p.get("smax");
-    st.smax = smax !== null && smax !== "" && isFinite(+smax) ? +smax : null;
+    st.smax = M.has_special && smax !== null && smax !== "" && isFinite(+smax) ? +smax : null;
     return st;
   }
   function writeHash() {
