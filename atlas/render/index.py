@@ -23,7 +23,7 @@ ROWS_PER_CHUNK = 8192  # 3 × 8192 token strings fit the uint16 indices of ``tt`
 class IndexChunk:
     """``data/index/<k>.js``: rows ``k * rows_per_chunk …`` of the feature table (features in id order).
 
-    Read by ``assets/index.js``. msgpack map:
+    Read by ``assets/index.js``, and by ``assets/feature.js`` for the top tokens of listed features. msgpack map:
 
     - ``k``: chunk index; ``start``: id of the first row; ``n``: rows
     - ``d``, ``m``: bin float32 LE density and max activation
