@@ -492,9 +492,10 @@ def prepare(crosscoder, models, tokens: torch.Tensor, options: AnalysisOptions, 
     check_outlier_factor(options.outlier_factor)
     tokens = torch.as_tensor(tokens, dtype=torch.long).cpu()
     N, T = tokens.shape
-    if options.corpora and sum(int(c["n_sequences"]) for c in options.corpora) != N:
-        raise AtlasError(f"the named corpora hold {sum(int(c['n_sequences']) for c in options.corpora)} sequences "
-                         f"but {N} were given: load the sequences with atlas.corpus.load_corpora and pass its corpora")
+    in_corpora = sum(int(c["n_sequences"]) for c in options.corpora)
+    if options.corpora and in_corpora != N:
+        raise AtlasError(f"the named corpora hold {in_corpora} sequences but {N} were given: load the sequences "
+                         "with atlas.corpus.load_corpora and pass its corpora")
     settings = cache_format.Settings(
         top_k=options.top_k, n_intervals=options.n_intervals, interval_k=options.interval_k,
         window_before=options.window_before, window_after=options.window_after, logit_k=options.logit_k,

@@ -126,7 +126,6 @@ def _plain_rows(builder: str, files: list[str], dataset: str):
     return None
 
 
-
 def _open_streams(dataset: str, seed: int) -> list:
     """Iterables of rows (local files in a seeded order): plain readers for ``.txt`` and ``.jsonl``,
     streaming ``datasets`` for the other formats and hub datasets."""

@@ -19,6 +19,18 @@ from .text import chip
 ROWS_PER_CHUNK = 8192  # 3 × 8192 token strings fit the uint16 indices of ``tt``
 
 
+def top_token_table(rows: list[FeatureFacts], strings: list[str], dtype) -> tuple[list[str], np.ndarray]:
+    """The distinct chips of the rows' top tokens (up to 3 each, ``strings``: the site's token strings), in
+    order of first use, and ``[len(rows), 3]`` indices into them plus one (0 = none) of type ``dtype``:
+    the ``ts`` / ``tt`` pair of the index chunks and of ``data/diff.js``."""
+    table: dict[str, int] = {}
+    tt = np.zeros((len(rows), 3), dtype=dtype)
+    for r, f in enumerate(rows):
+        for c, t in enumerate(f.top_tokens[:3]):
+            tt[r, c] = table.setdefault(chip(strings[t]), len(table)) + 1
+    return list(table), tt
+
+
 @dataclass
 class IndexChunk:
     """``data/index/<k>.js``: rows ``k * rows_per_chunk …`` of the feature table (features in id order).
@@ -51,12 +63,7 @@ class IndexChunk:
 
     def to_obj(self, strings: list[str], labels: dict[int, Label] | None, latent_scaling: bool = False) -> dict:
         rows = self.rows
-        table: dict[str, int] = {}
-        tt = np.zeros((len(rows), 3), dtype=np.uint16)  # at most 3 × ROWS_PER_CHUNK strings
-        for r, f in enumerate(rows):
-            for c, t in enumerate(f.top_tokens[:3]):
-                s = chip(strings[t])
-                tt[r, c] = table.setdefault(s, len(table)) + 1
+        table, tt = top_token_table(rows, strings, np.uint16)  # at most 3 × ROWS_PER_CHUNK strings
         obj = {
             "k": self.k,
             "start": rows[0].id if rows else 0,
@@ -67,7 +74,7 @@ class IndexChunk:
             "c": pack([f.dec_cos for f in rows], "f4"),
             "p": pack([f.peak for f in rows], "u2"),
             "dc": pack([f.diff_class for f in rows], "i1"),
-            "ts": list(table),
+            "ts": table,
             "tt": pack(tt.ravel(), "u2"),
             "lb": None if labels is None else [labels[f.id].label if f.id in labels else "" for f in rows],
             "ne": pack([f.nu_err for f in rows], "f4") if latent_scaling else None,

@@ -24,6 +24,7 @@ import numpy as np
 
 from .chunks import pack
 from .features import DIFF_A_ONLY, DIFF_B_ONLY, FeatureFacts
+from .index import top_token_table
 from .text import chip
 
 REL_A_ONLY = 0.3  # r below: the decoder writes mostly to source 0 (model A); default of the thresholds
@@ -202,16 +203,16 @@ class ListedFeature:
     id: int
     rel_norm: float
     dec_cos: float
-    tokens: list[str]  # chips of the top tokens, most frequent first
+    tokens: list[str]  # chips of the top tokens, strongest first
     nu_err: float | None = None  # latent scaling ν^ε / ν^r (None without it, NaN where undefined)
     nu_rec: float | None = None
 
 
 def extreme_features(facts: list[FeatureFacts], strings: list[str], diff_class: int, n: int = N_EXTREME,
-                     nu_err: np.ndarray | None = None, nu_rec: np.ndarray | None = None) -> list[ListedFeature]:
+                     has_nu: bool = False) -> list[ListedFeature]:
     """The ``n`` alive features of ``diff_class`` (``DIFF_A_ONLY``: lowest relative norm first;
     ``DIFF_B_ONLY``: highest first; ties by id) with their top tokens (``strings``: the site's token
-    strings) and, when given (arrays in cache order), their latent scaling ratios."""
+    strings) and, with ``has_nu`` (the cache has latent scaling), their ratios ν^ε and ν^r."""
     rows = [f for f in facts if f.alive and f.diff_class == diff_class]
     sign = 1.0 if diff_class == DIFF_A_ONLY else -1.0
     rows.sort(key=lambda f: (sign * f.rel_norm, f.id))
@@ -220,8 +221,7 @@ def extreme_features(facts: list[FeatureFacts], strings: list[str], diff_class: 
         out.append(ListedFeature(
             id=f.id, rel_norm=float(f.rel_norm), dec_cos=float(f.dec_cos),
             tokens=[chip(strings[t]) for t in f.top_tokens[:3]],
-            nu_err=None if nu_err is None else float(nu_err[f.index]),
-            nu_rec=None if nu_rec is None else float(nu_rec[f.index])))
+            nu_err=f.nu_err if has_nu else None, nu_rec=f.nu_rec if has_nu else None))
     return out
 
 
@@ -235,44 +235,36 @@ class OverviewData:
     - ``dc``: bin int8 model-diff class (``FeatureFacts.diff_class``)
     - ``ts``: token chip strings; ``tt``: bin uint32 LE ``n × 3``: top tokens as indices into ``ts``
       plus one (0 = none), shown on hover
-    - ``ne``, ``nr``: bin float32 LE latent scaling ν^ε and ν^r (``FeatureStats.ls_nu_err`` /
-      ``ls_nu_rec``, NaN where undefined), or ``null`` when the cache has no latent scaling
+    - ``ne``, ``nr``: bin float32 LE latent scaling ν^ε and ν^r (``FeatureFacts.nu_err`` / ``nu_rec``,
+      from ``FeatureStats.ls_nu_*``; NaN where undefined), or ``null`` when the cache has no latent
+      scaling
     - ``lo``, ``hi``: the class thresholds of ``r`` (``meta.rel_thresholds``), drawn as lines
     """
 
     facts: list[FeatureFacts]
     thresholds: tuple[float, float]
-    nu_err: np.ndarray | None = None  # cache order, float32[F]
-    nu_rec: np.ndarray | None = None
+    has_nu: bool = False  # the cache has latent scaling (FeatureFacts.nu_err / nu_rec)
 
     def to_obj(self, strings: list[str]) -> dict:
         rows = [f for f in self.facts if f.alive]
-        table: dict[str, int] = {}
-        tt = np.zeros((len(rows), 3), dtype=np.uint32)
-        for r, f in enumerate(rows):
-            for c, t in enumerate(f.top_tokens[:3]):
-                tt[r, c] = table.setdefault(chip(strings[t]), len(table)) + 1
-        idx = np.array([f.index for f in rows], dtype=np.int64)
-        has_nu = self.nu_err is not None and self.nu_rec is not None
+        table, tt = top_token_table(rows, strings, np.uint32)
         return {
             "n": len(rows),
             "id": pack([f.id for f in rows], "u4"),
             "r": pack([f.rel_norm for f in rows], "f4"),
             "c": pack([f.dec_cos for f in rows], "f4"),
             "dc": pack([f.diff_class for f in rows], "i1"),
-            "ts": list(table),
+            "ts": table,
             "tt": pack(tt.ravel(), "u4"),
-            "ne": pack(np.asarray(self.nu_err, np.float32)[idx], "f4") if has_nu else None,
-            "nr": pack(np.asarray(self.nu_rec, np.float32)[idx], "f4") if has_nu else None,
+            "ne": pack([f.nu_err for f in rows], "f4") if self.has_nu else None,
+            "nr": pack([f.nu_rec for f in rows], "f4") if self.has_nu else None,
             "lo": float(self.thresholds[0]),
             "hi": float(self.thresholds[1]),
         }
 
 
-def nu_specific_count(facts: list[FeatureFacts], nu_err: np.ndarray | None, nu_rec: np.ndarray | None) -> int:
+def nu_specific_count(facts: list[FeatureFacts]) -> int:
     """Model-specific (A-only or B-only) alive features with both ν^ε and ν^r finite: the points of the
-    latent scaling scatter (0 without latent scaling)."""
-    if nu_err is None or nu_rec is None:
-        return 0
+    latent scaling scatter (0 without latent scaling, where they are NaN)."""
     return sum(1 for f in facts if f.alive and f.diff_class in (DIFF_A_ONLY, DIFF_B_ONLY)
-               and np.isfinite(nu_err[f.index]) and np.isfinite(nu_rec[f.index]))
+               and np.isfinite(f.nu_err) and np.isfinite(f.nu_rec))

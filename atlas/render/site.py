@@ -321,19 +321,16 @@ def _write_site_files(staged: StagedSite, env, cache, site: SiteInfo, vocab, fac
         overview = OverviewPage(site, overview_charts(facts_all, names, site.rel_thresholds),
                                 overview_classes(facts_all, S))
         if S == 2:
-            nu_err, nu_rec = cache.features.ls_nu_err, cache.features.ls_nu_rec
-            if nu_err is None or nu_rec is None:
-                nu_err = nu_rec = None
-            data = OverviewData(facts_all, site.rel_thresholds, nu_err, nu_rec)
+            data = OverviewData(facts_all, site.rel_thresholds, has_nu=has_ls)
             staged.write("data/diff.js", chunk_script("diff", data.to_obj(vocab.strings)))
             overview.scatter = True
-            overview.has_nu = nu_err is not None
-            overview.n_nu = nu_specific_count(facts_all, nu_err, nu_rec)
+            overview.has_nu = has_ls
+            overview.n_nu = nu_specific_count(facts_all)
             overview.lists = [
                 {"key": "a", "title": "Most model-A-only features", "order": "lowest r first",
-                 "rows": extreme_features(facts_all, vocab.strings, DIFF_A_ONLY, nu_err=nu_err, nu_rec=nu_rec)},
+                 "rows": extreme_features(facts_all, vocab.strings, DIFF_A_ONLY, has_nu=has_ls)},
                 {"key": "b", "title": "Most model-B-only features", "order": "highest r first",
-                 "rows": extreme_features(facts_all, vocab.strings, DIFF_B_ONLY, nu_err=nu_err, nu_rec=nu_rec)},
+                 "rows": extreme_features(facts_all, vocab.strings, DIFF_B_ONLY, has_nu=has_ls)},
             ]
             overview.page_scripts = ("diff.js",)
         staged.write("diff/index.html", env.get_template("diff.html").render(overview.variables()).encode("utf-8"))

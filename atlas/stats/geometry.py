@@ -36,8 +36,9 @@ def outlier_dims(W_dec: torch.Tensor, factor: float = OUTLIER_FACTOR, block: int
     ``rms[s, :]`` over that source's dimensions. The median makes the rule robust: a handful of
     massive residual-stream dimensions (the kind that is the largest decoder entry of nearly every
     feature) cannot raise the bar they are measured against, while the spread of ordinary dimensions
-    stays below five times the typical one (SmolLM2's residual stream: the fifth largest is 4.4×). ``factor`` ≤ 0 flags none. The rows are read in blocks
-    of about ``block`` entries (a whole dictionary need not fit in float32 at once).
+    stays below five times the typical one (SmolLM2's residual stream: the fifth largest is 4.4×).
+    ``factor`` ≤ 0 flags none. The rows are read in blocks of about ``block`` entries (a whole
+    dictionary need not fit in float32 at once).
     """
     F, S, d = W_dec.shape
     if factor <= 0 or F == 0:
@@ -91,14 +92,14 @@ def neuron_alignment(W_dec: torch.Tensor, k: int, block: int = 2**22, exclude: n
         m = min(m, int(keep.sum()))
     for lo in range(0, F, rows):
         w = W_dec[lo:lo + rows].reshape(-1, D).float()
-        l1 = w.abs().sum(1, keepdim=True)
-        mag = w.abs() if keep is None else torch.where(keep, w.abs(), -1.0)  # excluded: never ranked
-        top = mag.topk(m, dim=1)
+        a = w.abs()
+        l1 = a.sum(1, keepdim=True)
+        top = (a if keep is None else torch.where(keep, a, -1.0)).topk(m, dim=1)  # excluded: never ranked
         hi = lo + w.shape[0]
         src[lo:hi, :m] = (top.indices // d).cpu().numpy()
         dim[lo:hi, :m] = (top.indices % d).cpu().numpy()
         val[lo:hi, :m] = w.gather(1, top.indices).cpu().numpy()
-        frac[lo:hi, :m] = torch.where(l1 > 0, w.abs().gather(1, top.indices) / l1.clamp_min(1e-30),
+        frac[lo:hi, :m] = torch.where(l1 > 0, a.gather(1, top.indices) / l1.clamp_min(1e-30),
                                       torch.nan).cpu().numpy()
     return {"align_source": src, "align_dim": dim, "align_val": val, "align_l1_frac": frac}
 

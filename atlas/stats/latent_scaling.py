@@ -49,6 +49,16 @@ def sparse_rows(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_ro
                                        check_invariants=False)
 
 
+def latent_blocks(feat: torch.Tensor, n: int, width: int):
+    """``(lo, hi, pick)`` for blocks of latents ``lo..hi-1`` of at most ``BLOCK // width`` rows (``width``:
+    float32 elements per latent of the block's temporaries); ``pick`` selects the active entries whose
+    latent ``feat`` lies in the block (everything when one block holds all ``n``)."""
+    rows = max(1, BLOCK // max(width, 1))
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        yield lo, hi, (slice(None) if hi - lo == n else (feat >= lo) & (feat < hi))
+
+
 def reconstruct(h: torch.Tensor, tok: torch.Tensor, feat: torch.Tensor, coef: torch.Tensor,
                 W_dec: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
     """``ĥ[N, S, d]`` (float32): ``b_dec`` plus ``coef · W_dec[feat]`` added at row ``tok`` for each
@@ -59,10 +69,7 @@ def reconstruct(h: torch.Tensor, tok: torch.Tensor, feat: torch.Tensor, coef: to
     out = b_dec.float().expand(N, *b_dec.shape).clone()
     flat = out.view(N, -1)
     W = W_dec.reshape(F, -1)
-    rows = max(1, BLOCK // max(W.shape[1], 1))
-    for lo in range(0, F, rows):
-        hi = min(F, lo + rows)
-        pick = slice(None) if hi - lo == F else (feat >= lo) & (feat < hi)
+    for lo, hi, pick in latent_blocks(feat, F, W.shape[1]):
         A = sparse_rows(tok[pick], feat[pick] - lo, coef[pick], N, hi - lo)
         flat += A @ W[lo:hi].float()
     return out
@@ -99,10 +106,7 @@ class LatentScaling:
         if feat.numel() == 0:
             return
         targets = torch.cat([h.float() - recon.float(), recon.float()], dim=1).view(N, 2 * S * d)
-        rows = max(1, BLOCK // (2 * S * d))
-        for lo in range(0, F, rows):
-            hi = min(F, lo + rows)
-            pick = slice(None) if hi - lo == F else (feat >= lo) & (feat < hi)
+        for lo, hi, pick in latent_blocks(feat, F, 2 * S * d):
             A = sparse_rows(feat[pick] - lo, tok[pick], coef[pick], hi - lo, N)
             sums = (A @ targets).view(hi - lo, 2 * S, d)  # Σ_i f_i y_i per latent
             # [n, m, target] = ⟨d^m, Σ f y_target⟩, targets: the S errors, then the S reconstructions
